@@ -1,0 +1,3 @@
+from ddsedit.cli import main
+
+main()

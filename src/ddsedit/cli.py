@@ -1,0 +1,380 @@
+"""The ``ddsedit`` command line: a thin layer over :class:`ddsedit.editor.Editor`.
+
+stdout carries only the output path (for shell scripts); progress, warnings and errors
+go to stderr. Exit codes: 0 done, 1 runtime failure, 2 bad input, 130 interrupted.
+torch, diffusers and transformers are imported only when an edit runs, so ``--help``
+and ``--version`` answer at once.
+"""
+
+import inspect
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ddsedit import __version__
+from ddsedit.errors import DDSEditError, InputError
+
+app = typer.Typer(
+    name="ddsedit",
+    help="Edit images with text through score distillation (SDS, DDS, masked DDS) on Stable Diffusion.",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+stderr = Console(stderr=True, highlight=False)
+
+METHOD_HELP = {
+    "sds": "SDS edit: pull the image toward --query (no --ref needed; tends to lose detail).",
+    "dds": "DDS edit: change what --ref describes into what --query describes, keeping the rest.",
+    "masked-dds": "DDS confined to --mask (white = editable); outside it the source pixels are kept.",
+}
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"ddsedit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Edit images with text: ddsedit dds --src photo.png --ref "what it shows" --query "what it should"."""
+
+
+def _fail(error: BaseException, verbose: bool) -> typer.Exit:
+    """Print one line for ``error`` on stderr and return the Exit to raise."""
+    if isinstance(error, DDSEditError):
+        stderr.print(f"[bold red]error:[/] {error}", markup=True, soft_wrap=True)
+        return typer.Exit(error.exit_code)
+    if verbose:
+        stderr.print_exception()
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    stderr.print(
+        f"[bold red]error:[/] {type(error).__name__}: {first_line} (run with --verbose for details)",
+        markup=True,
+        soft_wrap=True,
+    )
+    return typer.Exit(1)
+
+
+def _edit_template(
+    src: Annotated[Path, typer.Option("--src", help="Source image to edit.", show_default=False)],
+    query: Annotated[
+        str, typer.Option("--query", help="What the edited image should show.", show_default=False)
+    ],
+    ref: Annotated[str, typer.Option("--ref", help="What the source image shows.", show_default=False)] = "",
+    mask: Annotated[
+        Path | None,
+        typer.Option("--mask", help="Mask image: white = editable, black = kept.", show_default=False),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "-o", "--output", help="Output PNG. Default: ./<source stem>.<method>.png", show_default=False
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Bundled name (shapes), diffusers folder, .safetensors file or hub id. "
+            "Default: $DDSEDIT_MODEL or stable-diffusion-v1-5/stable-diffusion-v1-5.",
+            show_default=False,
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp16, bf16 or fp32.")
+    ] = "auto",
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            "--steps", "--iterations", help="Optimisation steps [default: 200].", show_default=False
+        ),
+    ] = None,
+    guidance: Annotated[
+        float | None,
+        typer.Option("--guidance", help="Classifier-free guidance scale [default: 7.5].", show_default=False),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            "--lr",
+            help="SGD learning rate: a step moves the latents by lr * 2000/4096 * gradient [default: 0.1].",
+            show_default=False,
+        ),
+    ] = None,
+    t_min: Annotated[
+        int | None, typer.Option("--t-min", help="Lowest timestep drawn [default: 50].", show_default=False)
+    ] = None,
+    t_max: Annotated[
+        int | None,
+        typer.Option("--t-max", help="Timesteps are drawn below this [default: 950].", show_default=False),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            "--seed",
+            help="Seed: same seed, same result. Default: random, recorded in the PNG.",
+            show_default=False,
+        ),
+    ] = None,
+    negative: Annotated[
+        str | None,
+        typer.Option(
+            "--negative",
+            help="Negative prompt (replaces the empty unconditional prompt).",
+            show_default=False,
+        ),
+    ] = None,
+    size: Annotated[
+        int | None,
+        typer.Option(
+            "--size",
+            help="Longest side of the working image [default: 512, or the model's].",
+            show_default=False,
+        ),
+    ] = None,
+    keep_working_size: Annotated[
+        bool,
+        typer.Option("--keep-working-size", help="Write the result at the working size, not the source's."),
+    ] = False,
+    paste_back: Annotated[
+        bool, typer.Option("--paste-back/--no-paste-back", help="Keep the source's pixels outside the mask.")
+    ] = True,
+    feather: Annotated[
+        float | None,
+        typer.Option(
+            "--feather", help="Seam blend width in pixels, inside the mask [default: 2].", show_default=False
+        ),
+    ] = None,
+    save_every: Annotated[
+        int | None,
+        typer.Option("--save-every", help="Keep a decoded frame every N steps.", show_default=False),
+    ] = None,
+    frames: Annotated[
+        Path | None,
+        typer.Option("--frames", help="Folder for the intermediate frames (PNG).", show_default=False),
+    ] = None,
+    animation: Annotated[
+        Path | None,
+        typer.Option("--animation", help="Write an animated GIF of the optimisation.", show_default=False),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Allow .ckpt/.pt pickle checkpoints (they can run code).")
+    ] = False,
+    prediction_type: Annotated[
+        str | None,
+        typer.Option(
+            "--prediction-type", help="Override the model's: epsilon or v_prediction.", show_default=False
+        ),
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar or notes; errors only.")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Show library warnings, loading bars and tracebacks.")
+    ] = False,
+) -> None:
+    """Template whose signature each edit command shares (minus the options it does not take)."""
+
+
+def run_edit(method: str, **options) -> None:
+    """Validate everything cheap, load the model, edit, and write the output atomically."""
+    verbose = options["verbose"]
+    try:
+        _run_edit(method, **options)
+    except KeyboardInterrupt:
+        stderr.print("interrupted: no output written")
+        raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except Exception as error:  # noqa: BLE001 - the CLI's contract is one line, never a traceback
+        raise _fail(error, verbose) from None
+
+
+def _run_edit(
+    method: str, *, src: Path, query: str, ref: str = "", mask: Path | None = None,
+    output: Path | None = None,
+    model: str | None, device: str, dtype: str, steps: int | None, guidance: float | None, lr: float | None,
+    t_min: int | None, t_max: int | None, seed: int | None, negative: str | None, size: int | None,
+    keep_working_size: bool, paste_back: bool = True, feather: float | None = None, save_every: int | None,
+    frames: Path | None, animation: Path | None, overwrite: bool, allow_pickle: bool,
+    prediction_type: str | None, quiet: bool, verbose: bool,
+) -> None:  # fmt: skip
+    if not query.strip():
+        raise InputError("--query must not be empty")
+    if method != "sds" and not ref.strip():
+        raise InputError("--ref must not be empty: describe what the source image shows")
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise InputError(f"--prediction-type must be epsilon or v_prediction, got {prediction_type!r}")
+    if save_every is not None and frames is None and animation is None:
+        raise InputError("--save-every needs --frames DIR or --animation FILE.gif")
+    if method == "dds" and ref.strip() == query.strip() and not quiet:
+        stderr.print("[yellow]warning:[/] --ref and --query are the same: DDS will barely change the image")
+
+    from ddsedit.loading import quiet_third_party_output
+
+    quiet_third_party_output(verbose)
+    from ddsedit import imageio
+    from ddsedit.editor import EditConfig, save_result
+
+    overrides = dict(
+        steps=steps, guidance=guidance, lr=lr, t_min=t_min, t_max=t_max, seed=seed, negative=negative,
+        size=size, feather=feather, keep_working_size=keep_working_size, paste_back=paste_back,
+    )  # fmt: skip
+    if frames is not None or animation is not None:
+        overrides["save_every"] = save_every or max(1, (steps or 200) // 25)
+    EditConfig().replace(**overrides).validate()  # the flags, before the slow model load
+
+    source = imageio.load_image(src)
+    mask_image = None
+    if method == "masked-dds":
+        if mask is None:
+            raise InputError("masked-dds needs --mask (white = editable)")
+        mask_image = imageio.load_mask(mask, source.size)
+    output_path = imageio.check_output_path(output or imageio.default_output_path(src, method), overwrite)
+    if animation is not None:
+        if animation.suffix.lower() != ".gif":
+            raise InputError(f"--animation must name a .gif file, got {animation}")
+        imageio.check_output_path(animation, overwrite)
+    if frames is not None:
+        if frames.exists() and not frames.is_dir():
+            raise InputError(f"--frames must be a folder: {frames}")
+        frames.mkdir(parents=True, exist_ok=True)
+
+    from ddsedit.editor import Editor
+
+    with stderr.status("loading model...", spinner="dots") if not quiet else _nothing():
+        editor = Editor.from_pretrained(
+            model, device=device, dtype=dtype, allow_pickle=allow_pickle,
+            prediction_type=prediction_type, keep_text_encoder=False,
+        )  # fmt: skip
+    config = editor.config(**overrides)
+    with _progress(quiet, method) as on_progress:
+        result = editor.edit(source, method, query=query, ref=ref, mask=mask_image, config=config,
+                             on_progress=on_progress)  # fmt: skip
+    if frames is not None:
+        for step, frame in result.frames:
+            imageio.save_png(frame, frames / f"{src.stem}.{method}.{step:04d}.png", {}, overwrite=True)
+    if animation is not None:
+        imageio.save_gif([frame for _, frame in result.frames], animation, overwrite=overwrite)
+    written = save_result(result, output_path, overwrite=overwrite)
+    typer.echo(str(written))
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+class _progress:
+    """A rich progress bar on stderr (step, it/s, ETA), or nothing when quiet."""
+
+    def __init__(self, quiet: bool, method: str) -> None:
+        self.quiet = quiet
+        self.method = method
+        self.bar = None
+
+    def __enter__(self):
+        if self.quiet:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn(f"{self.method}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=stderr, transient=False,
+        )  # fmt: skip
+        self.bar.__enter__()
+        task = self.bar.add_task(self.method, total=None, rate="")
+
+        def on_progress(step: int, steps: int) -> None:
+            speed = self.bar.tasks[0].speed
+            self.bar.update(task, completed=step, total=steps, rate=f"{speed:.1f} it/s" if speed else "")
+
+        return on_progress
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc_info)
+
+
+def _register(method: str, without: tuple[str, ...]) -> None:
+    """Add an edit command whose options are the template's minus ``without``."""
+
+    def command(**options) -> None:
+        run_edit(method, **options)
+
+    template = inspect.signature(_edit_template)
+    command.__signature__ = template.replace(  # type: ignore[attr-defined]
+        parameters=[p for p in template.parameters.values() if p.name not in without]
+    )
+    command.__doc__ = METHOD_HELP[method]
+    app.command(method, no_args_is_help=True)(command)
+
+
+_register("sds", without=("ref", "mask", "paste_back", "feather"))
+_register("dds", without=("mask", "paste_back", "feather"))
+_register("masked-dds", without=())
+
+
+@app.command("models")
+def models_command() -> None:
+    """List the bundled models and the default model."""
+    from ddsedit.loading import MODEL_ENVIRONMENT_VARIABLE, bundled_models, default_model
+
+    bundled = bundled_models()
+    if not bundled:
+        typer.echo("no bundled models installed")
+    for name, folder in bundled.items():
+        typer.echo(f"{name}\t{folder}")
+    stderr.print(f"default model: {default_model()} (set ${MODEL_ENVIRONMENT_VARIABLE} to change it)")
+
+
+@app.command("make-tiny-model", no_args_is_help=True)
+def make_tiny_model_command(
+    folder: Annotated[Path, typer.Argument(help="Folder to write the model to.")],
+    v_prediction: Annotated[
+        bool, typer.Option("--v-prediction", help="Make it a v-prediction model.")
+    ] = False,
+) -> None:
+    """Write a tiny RANDOM model (edits nothing meaningful) for smoke tests of the pipeline."""
+    try:
+        from ddsedit.loading import quiet_third_party_output
+
+        quiet_third_party_output()
+        from ddsedit.tiny import build_tiny_pipeline
+
+        if folder.exists() and any(folder.iterdir()):
+            raise InputError(f"{folder} exists and is not empty")
+        build_tiny_pipeline(folder, prediction_type="v_prediction" if v_prediction else "epsilon")
+    except typer.Exit:
+        raise
+    except Exception as error:  # noqa: BLE001
+        raise _fail(error, verbose=False) from None
+    typer.echo(str(folder))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""The Python API: load a model once, then edit images with SDS, DDS or masked DDS.
+
+    from ddsedit import Editor
+    editor = Editor.from_pretrained("shapes")
+    edited = editor.dds("cat.png", ref="a photo of a cat", query="a photo of a dog")
+    edited.save("dog.png")
+
+The pipeline is image -> VAE latents -> :func:`ddsedit.optimize.distill` -> decode -> image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ddsedit import __version__, imageio
+from ddsedit.errors import DDSEditError, InputError
+from ddsedit.loading import ModelComponents, load_model
+from ddsedit.optimize import METHODS, LoopSettings, PromptEmbeddings, distill
+
+ImageLike = str | os.PathLike | Image.Image
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class EditConfig:
+    """Settings of one edit. The defaults are those of the DDS paper's code.
+
+    ``lr`` is the SGD learning rate on the loss ``2000 * sum(z * grad) / 4096``: each step
+    moves every latent element by ``lr * 2000 / 4096 * grad`` (about ``0.049 * grad`` at
+    the default), whatever the image size. Timesteps are drawn uniformly from
+    ``[t_min, t_max)``. A model may store its own defaults (``ddsedit.json``), which
+    :meth:`Editor.config` applies before explicit overrides.
+    """
+
+    steps: int = 200
+    guidance: float = 7.5
+    lr: float = 0.1
+    t_min: int = 50
+    t_max: int = 950
+    seed: int | None = None  # None: a random seed, recorded in the output's metadata
+    negative: str = ""  # replaces the empty unconditional prompt
+    size: int = 512  # longest side of the working image, in pixels
+    keep_working_size: bool = False  # else the result is resized back to the source's size
+    paste_back: bool = True  # masked DDS: keep the source's pixels outside the mask
+    feather: float = 2.0  # masked DDS: width in pixels of the seam's inward blend
+    save_every: int = 0  # keep a decoded frame every N steps (0: none)
+
+    def validate(self, num_train_timesteps: int = 1000) -> None:
+        """Raise InputError for settings that cannot work, with the flag's name in the message."""
+        checks = [
+            (
+                isinstance(self.steps, int) and self.steps > 0,
+                f"--steps must be a positive integer, got {self.steps}",
+            ),
+            (
+                math.isfinite(self.guidance) and self.guidance >= 0,
+                f"--guidance must be >= 0, got {self.guidance}",
+            ),
+            (math.isfinite(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (
+                1 <= self.t_min < self.t_max <= min(999, num_train_timesteps - 1),
+                f"timestep range must satisfy 1 <= --t-min < --t-max <= {min(999, num_train_timesteps - 1)}, "
+                f"got [{self.t_min}, {self.t_max})",
+            ),
+            (self.seed is None or 0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}"),
+            (self.size > 0, f"--size must be positive, got {self.size}"),
+            (
+                math.isfinite(self.feather) and self.feather >= 0,
+                f"--feather must be >= 0, got {self.feather}",
+            ),
+            (self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}"),
+        ]
+        for passed, message in checks:
+            if not passed:
+                raise InputError(message)
+
+    def replace(self, **overrides: Any) -> EditConfig:
+        """A copy with ``overrides`` applied; ``None`` values are ignored (flag not given)."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise InputError(f"unknown edit setting(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass
+class EditResult:
+    """An edited image with everything needed to reproduce it."""
+
+    image: Image.Image
+    parameters: dict[str, Any]
+    frames: list[tuple[int, Image.Image]] = field(default_factory=list)  # (step, decoded image)
+
+    def metadata(self) -> dict[str, str]:
+        """PNG text chunks: each parameter as text, plus all of them as JSON under ``ddsedit``."""
+        text = {key: str(value) for key, value in self.parameters.items()}
+        text["ddsedit"] = json.dumps(self.parameters, sort_keys=True)
+        return text
+
+
+def _check_prompt(prompt: str, flag: str) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError(f"{flag} must not be empty")
+    return prompt
+
+
+class Editor:
+    """A loaded model that edits images. Create it with :meth:`from_pretrained`."""
+
+    def __init__(self, components: ModelComponents, device: torch.device, dtype: torch.dtype,
+                 keep_text_encoder: bool = True) -> None:  # fmt: skip
+        self.components = components
+        self.device = device
+        self.dtype = dtype
+        self.keep_text_encoder = keep_text_encoder
+        self._embedding_cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        allow_pickle: bool = False,
+        prediction_type: str | None = None,
+        keep_text_encoder: bool = True,
+    ) -> Editor:
+        """Load ``model`` (bundled name, diffusers folder, .safetensors file or hub id).
+
+        ``device``: auto|cpu|cuda|cuda:N|mps; ``dtype``: auto|fp16|bf16|fp32 (auto: fp16 on
+        an accelerator, fp32 on CPU). With ``keep_text_encoder=False`` the text encoder is
+        freed after the first prompts are encoded, saving memory for a one-shot edit.
+        """
+        components, torch_device, torch_dtype = load_model(
+            model, device=device, dtype=dtype, allow_pickle=allow_pickle, prediction_type=prediction_type
+        )
+        return cls(components, torch_device, torch_dtype, keep_text_encoder=keep_text_encoder)
+
+    # ------------------------------------------------------------------ settings
+
+    def config(self, **overrides: Any) -> EditConfig:
+        """Default settings for this model (its ``ddsedit.json`` over the paper's), then ``overrides``."""
+        return EditConfig().replace(**self.components.defaults).replace(**overrides)
+
+    # ------------------------------------------------------------------ text
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP embeddings [len(prompts), tokens, dim] (cached: the text encoder may be freed)."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._embedding_cache]
+        if missing:
+            text_encoder = self.components.text_encoder
+            if text_encoder is None:
+                raise DDSEditError("the text encoder was freed; load the model again to encode new prompts")
+            tokenizer = self.components.tokenizer
+            tokens = tokenizer(
+                missing, padding="max_length", max_length=tokenizer.model_max_length,
+                truncation=True, return_tensors="pt",
+            ).input_ids.to(self.device)  # fmt: skip
+            with torch.no_grad():
+                hidden = text_encoder(tokens, return_dict=False)[0]
+            for prompt, embedding in zip(missing, hidden, strict=True):
+                self._embedding_cache[prompt] = embedding
+        if not self.keep_text_encoder and self.components.text_encoder is not None:
+            self.components.text_encoder = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        return torch.stack([self._embedding_cache[p] for p in prompts]).to(self.dtype)
+
+    # ------------------------------------------------------------------ VAE
+
+    def _run_vae(
+        self, function: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor
+    ) -> torch.Tensor:
+        """Run a VAE function; if half precision overflows (SD 2.x/SDXL VAEs), rerun it in fp32."""
+        vae = self.components.vae
+        with torch.no_grad():
+            outputs = function(inputs.to(vae.dtype)).float()
+            if not torch.isfinite(outputs).all() and vae.dtype != torch.float32:
+                vae.to(torch.float32)
+                outputs = function(inputs.float()).float()
+        return outputs
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels [K, 3, h, w] in [-1, 1] -> scaled latents (the posterior's mean, not a sample)."""
+        vae = self.components.vae
+        config = vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        latents = self._run_vae(lambda x: vae.encode(x).latent_dist.mean, pixels.to(self.device))
+        return (latents - shift) * config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> pixels [K, 3, h, w] in [-1, 1] (fp32, on the CPU)."""
+        vae = self.components.vae
+        config = vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        unscaled = latents / config.scaling_factor + shift
+        return self._run_vae(lambda z: vae.decode(z, return_dict=False)[0], unscaled).clamp(-1, 1).cpu()
+
+    # ------------------------------------------------------------------ editing
+
+    def edit(
+        self,
+        image: ImageLike,
+        method: str,
+        query: str,
+        ref: str | None = None,
+        mask: ImageLike | None = None,
+        config: EditConfig | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> EditResult:
+        """Edit one image and return the result with its parameters (and frames if asked).
+
+        ``method`` is ``sds``, ``dds`` or ``masked-dds``; ``ref`` describes the source image
+        (needed by the DDS methods), ``query`` the wanted result; ``mask`` (white = editable)
+        is needed by ``masked-dds``. ``on_progress(step, steps)`` is called after each step.
+        """
+        if method not in METHODS:
+            raise InputError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+        config = config or self.config()
+        config.validate(self.components.num_train_timesteps)
+        query = _check_prompt(query, "--query")
+        if method != "sds":
+            ref = _check_prompt(ref or "", "--ref")
+        source = image if isinstance(image, Image.Image) else imageio.load_image(image)
+        source = source.convert("RGB")
+        binary_mask = None
+        if method == "masked-dds":
+            if mask is None:
+                raise InputError("masked-dds needs a --mask (white = editable)")
+            mask_image = imageio.load_image(mask, what="mask", background=imageio.BLACK) if not isinstance(
+                mask, Image.Image) else mask  # fmt: skip
+            binary_mask = imageio.binarize_mask(mask_image, source.size)
+
+        stride = self.components.vae_scale_factor
+        working = imageio.working_size(source.width, source.height, config.size, stride)
+        seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
+        embeddings = self.encode_prompts([config.negative, ref or "", query])
+        prompt_embeddings = PromptEmbeddings(
+            unconditional=embeddings[0:1], source=embeddings[1:2], target=embeddings[2:3]
+        )
+        source_latents = self.encode_image(imageio.image_to_tensor(source, working))
+        latent_mask = None
+        if binary_mask is not None:
+            latent_size = (source_latents.shape[-1], source_latents.shape[-2])
+            latent_mask = imageio.mask_to_latent(binary_mask, latent_size).to(self.device)
+
+        frames: list[tuple[int, Image.Image]] = []
+
+        def on_step(step: int, latents: torch.Tensor) -> None:
+            if config.save_every and (step % config.save_every == 0 or step == config.steps):
+                frames.append((step, imageio.tensor_to_image(self.decode_latents(latents))))
+            if on_progress is not None:
+                on_progress(step, config.steps)
+
+        if config.save_every:
+            frames.append((0, source.resize(working, Image.Resampling.LANCZOS)))
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        settings = LoopSettings(method, config.steps, config.guidance, config.lr, config.t_min, config.t_max)
+        latents = distill(
+            self.components.unet, source_latents, prompt_embeddings, self.components.alphas_cumprod,
+            self.components.prediction_type, settings, generator, mask=latent_mask, on_step=on_step,
+        )  # fmt: skip
+        edited = imageio.tensor_to_image(self.decode_latents(latents))
+        if not config.keep_working_size and edited.size != source.size:
+            edited = edited.resize(source.size, Image.Resampling.LANCZOS)
+        if binary_mask is not None and config.paste_back:
+            edited = imageio.paste_back(edited, source, binary_mask, config.feather)
+
+        parameters = {
+            "method": method,
+            "ref": ref if method != "sds" else "",
+            "query": query,
+            "negative": config.negative,
+            "seed": seed,
+            "steps": config.steps,
+            "guidance": config.guidance,
+            "lr": config.lr,
+            "t_min": config.t_min,
+            "t_max": config.t_max,
+            "size": config.size,
+            "working_size": f"{working[0]}x{working[1]}",
+            "model": self.components.source,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "ddsedit_version": __version__,
+        }
+        if method == "masked-dds":
+            parameters.update(paste_back=config.paste_back, feather=config.feather)
+        edited.info.update({key: str(value) for key, value in parameters.items()})
+        return EditResult(image=edited, parameters=parameters, frames=frames)
+
+    def sds(self, image: ImageLike, query: str, **settings: Any) -> Image.Image:
+        """SDS edit: pull the image toward ``query``. ``settings`` are :class:`EditConfig` fields."""
+        return self.edit(image, "sds", query=query, config=self.config(**settings)).image
+
+    def dds(self, image: ImageLike, ref: str, query: str, **settings: Any) -> Image.Image:
+        """DDS edit: change what ``ref`` says into what ``query`` says, keeping the rest."""
+        return self.edit(image, "dds", query=query, ref=ref, config=self.config(**settings)).image
+
+    def masked_dds(
+        self, image: ImageLike, mask: ImageLike, ref: str, query: str, **settings: Any
+    ) -> Image.Image:
+        """DDS confined to ``mask`` (white = editable); outside it the source is kept."""
+        return self.edit(
+            image, "masked-dds", query=query, ref=ref, mask=mask, config=self.config(**settings)
+        ).image
+
+
+def save_result(result: EditResult, path: str | Path, overwrite: bool = False) -> Path:
+    """Write an edit's image atomically as PNG with its parameters in text chunks."""
+    return imageio.save_png(result.image, path, result.metadata(), overwrite=overwrite)

@@ -1,0 +1,304 @@
+"""Finding and loading a Stable Diffusion-format model, and choosing device and dtype.
+
+A model is named by one of:
+- a bundled model's name (``shapes``), shipped inside the package;
+- a diffusers folder (``model_index.json`` or ``unet/config.json`` inside);
+- a single-file checkpoint (``.safetensors``; pickles only with ``allow_pickle``);
+- a Hugging Face hub id (``org/name``), taken from the local cache first.
+Each component is loaded on its own, so no safety checker or image processor is
+imported, and nothing is downloaded unless the user named a hub id that is not cached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ddsedit.errors import InputError, ModelError
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+MODEL_ENVIRONMENT_VARIABLE = "DDSEDIT_MODEL"
+BUNDLED_MODELS_DIR = Path(__file__).parent / "bundled"
+DEFAULTS_FILE = "ddsedit.json"  # edit defaults stored beside a model's weights
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+COMPONENT_FILES = (
+    "model_index.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "tokenizer/*",
+    "scheduler/scheduler_config.json",
+    DEFAULTS_FILE,
+)
+DTYPES = ("auto", "fp16", "bf16", "fp32")
+
+
+@dataclass
+class ModelComponents:
+    """The parts of an SD pipeline that editing needs, plus where they came from."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    alphas_cumprod: Any  # torch.Tensor [num_train_timesteps], fp32
+    prediction_type: str
+    source: str  # how the user named the model, for metadata
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """The latent stride, from the VAE's config (8 for SD, other values for small models)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+
+def bundled_models() -> dict[str, Path]:
+    """Names and folders of the models shipped inside the package."""
+    if not BUNDLED_MODELS_DIR.is_dir():
+        return {}
+    return {
+        folder.name: folder
+        for folder in sorted(BUNDLED_MODELS_DIR.iterdir())
+        if (folder / "model_index.json").is_file()
+    }
+
+
+def default_model() -> str:
+    """The model used when none is named: ``$DDSEDIT_MODEL`` or SD 1.5."""
+    return os.environ.get(MODEL_ENVIRONMENT_VARIABLE) or DEFAULT_MODEL
+
+
+def resolve_device(device: str = "auto"):
+    """``auto`` picks cuda, then mps, then cpu; an absent accelerator is an InputError."""
+    import torch
+
+    device = device.strip().lower()
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"unknown device {device!r}: use auto, cuda, cuda:N, mps or cpu") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda was asked for, but CUDA is not available on this machine")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif chosen.type == "mps":
+        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
+            raise InputError("--device mps was asked for, but MPS is not available on this machine")
+    elif chosen.type != "cpu":
+        raise InputError(f"unknown device {device!r}: use auto, cuda, cuda:N, mps or cpu")
+    return chosen
+
+
+def resolve_dtype(dtype: str, device):
+    """``auto`` is fp16 on an accelerator and fp32 on the CPU."""
+    import torch
+
+    names = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    dtype = dtype.strip().lower()
+    if dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if dtype not in names:
+        raise InputError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return names[dtype]
+
+
+def _is_diffusers_folder(folder: Path) -> bool:
+    return (folder / "model_index.json").is_file() or (folder / "unet" / "config.json").is_file()
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
+
+
+def locate_model(model: str | os.PathLike | None, allow_pickle: bool = False) -> tuple[str, Path]:
+    """Turn the user's model name into ``(kind, path)``: kind is ``folder`` or ``file``.
+
+    Hub ids are looked up in the local Hugging Face cache (and downloaded, visibly, only
+    when not cached and not offline). Raises InputError/ModelError with one clear line.
+    """
+    name = str(model) if model is not None else default_model()
+    if not name.strip():
+        raise InputError("--model is empty")
+    bundled = bundled_models()
+    if name in bundled:
+        return "folder", bundled[name]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not _is_diffusers_folder(path):
+            raise ModelError(
+                f"{path} is not a diffusers model folder (no model_index.json or unet/config.json inside)"
+            )
+        return "folder", path
+    if path.is_file():
+        if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+            raise InputError(
+                f"{path} is a pickle checkpoint, which can run code when loaded; "
+                "pass --allow-pickle if you trust it, or convert it to .safetensors"
+            )
+        if path.suffix.lower() not in (".safetensors", *PICKLE_SUFFIXES):
+            raise InputError(f"{path} is not a model: expected a .safetensors file or a diffusers folder")
+        return "file", path
+    if _looks_like_hub_id(name) and not path.suffix:
+        return "folder", _hub_snapshot(name)
+    known = ", ".join(bundled) or "none installed"
+    raise ModelError(
+        f"unknown model {name!r}: not a file, a folder, a bundled model ({known}) or a hub id (org/name)"
+    )
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The local folder of a hub model, from the cache; downloads only when online and asked."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=list(COMPONENT_FILES), local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    how = (
+        f"download it where there is network access with `hf download {repo_id}` "
+        "(the cache is shared through HF_HOME), or pass --model with a local folder or .safetensors file"
+    )
+    if offline:
+        raise ModelError(
+            f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: {how}"
+        )
+    print(f"ddsedit: downloading {repo_id} from the Hugging Face Hub (first use only)", file=sys.stderr)
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=list(COMPONENT_FILES)))
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelError(
+            f"model {repo_id!r} is not cached here and could not be downloaded ({reason}): {how}"
+        ) from None
+
+
+def read_defaults(folder: Path) -> dict[str, Any]:
+    """The edit defaults stored with a model (``ddsedit.json``), or an empty dict."""
+    defaults_path = folder / DEFAULTS_FILE
+    if not defaults_path.is_file():
+        return {}
+    try:
+        defaults = json.loads(defaults_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ModelError(f"cannot read {defaults_path}: {error}") from None
+    if not isinstance(defaults, dict):
+        raise ModelError(f"{defaults_path} must hold a JSON object")
+    return defaults
+
+
+def _load_folder(folder: Path, torch_dtype) -> dict[str, Any]:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    missing = [
+        name
+        for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+        if not (folder / name).is_dir()
+    ]
+    if missing:
+        raise ModelError(f"{folder} is not a complete Stable Diffusion model: missing {', '.join(missing)}/")
+    try:
+        return {
+            "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch_dtype),
+            "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch_dtype),
+            "text_encoder": CLIPTextModel.from_pretrained(
+                folder, subfolder="text_encoder", torch_dtype=torch_dtype
+            ),
+            "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+            "scheduler": DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
+        }
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"cannot load the model in {folder}: {reason}") from None
+
+
+def load_model(
+    model: str | os.PathLike | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    allow_pickle: bool = False,
+    prediction_type: str | None = None,
+) -> tuple[ModelComponents, Any, Any]:
+    """Load a model's components on ``device`` in ``dtype``.
+
+    Returns ``(components, torch_device, torch_dtype)``. The UNet, VAE and text encoder
+    are put in eval mode with gradients off: the loop never differentiates through them.
+    """
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    kind, path = locate_model(model, allow_pickle=allow_pickle)
+    if kind == "folder":
+        parts = _load_folder(path, torch_dtype)
+        defaults = read_defaults(path)
+    else:
+        from ddsedit.checkpoints import load_single_file
+
+        parts = load_single_file(
+            path, torch_dtype, allow_pickle=allow_pickle, prediction_type=prediction_type
+        )
+        defaults = {}
+    scheduler_config = parts["scheduler"].config
+    chosen_prediction_type = prediction_type or scheduler_config.get("prediction_type", "epsilon")
+    if chosen_prediction_type not in ("epsilon", "v_prediction"):
+        raise ModelError(f"unsupported prediction type {chosen_prediction_type!r} in the model's scheduler")
+    for module_name in ("unet", "vae", "text_encoder"):
+        module = parts[module_name]
+        module.requires_grad_(False)
+        module.eval()
+        module.to(torch_device)
+    components = ModelComponents(
+        unet=parts["unet"],
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        tokenizer=parts["tokenizer"],
+        alphas_cumprod=parts["scheduler"].alphas_cumprod.float(),
+        prediction_type=chosen_prediction_type,
+        source=str(model if model is not None else default_model()),
+        defaults=defaults,
+    )
+    return components, torch_device, torch_dtype
+
+
+def quiet_third_party_output(verbose: bool = False) -> None:
+    """Hide the libraries' warnings and loading bars unless ``verbose``.
+
+    Called by the CLI before anything heavy is imported, so the environment variables
+    take effect; the library API leaves logging to the calling program.
+    """
+    if verbose:
+        return
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore")
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()

@@ -1,0 +1,142 @@
+"""The optimisation loop shared by SDS, DDS and masked DDS.
+
+Each step draws one timestep and one noise tensor per image, makes ONE UNet call for
+every prediction the method needs, applies classifier-free guidance, turns the
+predictions into a gradient with the functions in :mod:`ddsedit.scores`, and takes an
+SGD step on the latents. Only the gradient differs between methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ddsedit import scores
+
+METHODS = ("sds", "dds", "masked-dds")
+
+StepCallback = Callable[[int, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the loop needs to know; validated by :class:`ddsedit.editor.EditConfig`."""
+
+    method: str = "dds"
+    steps: int = 200
+    guidance: float = 7.5
+    lr: float = 0.1
+    t_min: int = 50
+    t_max: int = 950  # exclusive, as in the DDS reference code
+
+
+@dataclass
+class PromptEmbeddings:
+    """Text embeddings, one row per image: [K, tokens, dim] each."""
+
+    unconditional: torch.Tensor
+    source: torch.Tensor  # the --ref prompt: what the image shows
+    target: torch.Tensor  # the --query prompt: what it should show
+
+
+def predict_epsilon(
+    unet: torch.nn.Module,
+    noisy_latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    embeddings: torch.Tensor,
+    alpha_bar: torch.Tensor,
+    prediction_type: str,
+) -> torch.Tensor:
+    """One UNet call on a batch, returned as fp32 noise predictions."""
+    unet_dtype = next(unet.parameters()).dtype
+    prediction = unet(
+        noisy_latents.to(unet_dtype), timesteps, encoder_hidden_states=embeddings, return_dict=False
+    )[0].float()
+    return scores.epsilon_from_prediction(prediction, noisy_latents, alpha_bar, prediction_type)
+
+
+def distillation_gradient(
+    unet: torch.nn.Module,
+    latents: torch.Tensor,
+    source_latents: torch.Tensor,
+    embeddings: PromptEmbeddings,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str,
+    method: str,
+    guidance: float,
+) -> torch.Tensor:
+    """The SDS or DDS gradient for one step, for K images at once, with one UNet call.
+
+    DDS batches [source uncond, source cond, target uncond, target cond] (4K samples);
+    SDS batches [target uncond, target cond] (2K samples). Source and target share the
+    timestep and the noise.
+    """
+    alpha_bar = alphas_cumprod[timesteps]
+    noisy_latents = scores.add_noise(latents, noise, alpha_bar)
+    if method == "sds":
+        batch = torch.cat([noisy_latents, noisy_latents])
+        conditions = torch.cat([embeddings.unconditional, embeddings.target])
+        repeats = 2
+    else:
+        noisy_source = scores.add_noise(source_latents, noise, alpha_bar)
+        batch = torch.cat([noisy_source, noisy_source, noisy_latents, noisy_latents])
+        conditions = torch.cat(
+            [embeddings.unconditional, embeddings.source, embeddings.unconditional, embeddings.target]
+        )
+        repeats = 4
+    epsilon = predict_epsilon(
+        unet, batch, timesteps.repeat(repeats), conditions, alpha_bar.repeat(repeats), prediction_type
+    )
+    chunks = epsilon.chunk(repeats)
+    if method == "sds":
+        target = scores.classifier_free_guidance(chunks[0], chunks[1], guidance)
+        return scores.sds_gradient(target, noise)
+    source = scores.classifier_free_guidance(chunks[0], chunks[1], guidance)
+    target = scores.classifier_free_guidance(chunks[2], chunks[3], guidance)
+    return scores.dds_gradient(target, source)
+
+
+def distill(
+    unet: torch.nn.Module,
+    source_latents: torch.Tensor,
+    embeddings: PromptEmbeddings,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str,
+    settings: LoopSettings,
+    generator: torch.Generator,
+    mask: torch.Tensor | None = None,
+    on_step: StepCallback | None = None,
+) -> torch.Tensor:
+    """Optimise latents starting from ``source_latents`` and return them (fp32).
+
+    ``mask`` ([K or 1, 1, h, w] in [0, 1]) scales the gradient, so that masked DDS only
+    moves the latents where the mask is white. ``on_step(step, latents)`` is called after
+    each update (1-based step), e.g. for a progress bar or intermediate frames.
+    """
+    device = source_latents.device
+    alphas_cumprod = alphas_cumprod.to(device=device, dtype=torch.float32)
+    source_latents = source_latents.float()
+    latents = source_latents.clone()
+    gradient_method = "sds" if settings.method == "sds" else "dds"
+    image_count = source_latents.shape[0]
+    with torch.no_grad():
+        for step in range(1, settings.steps + 1):
+            # Drawn on the device from a seeded generator: reproducible and no host sync.
+            timesteps = torch.randint(
+                settings.t_min, settings.t_max, (image_count,), generator=generator, device=device
+            )
+            noise = torch.randn(source_latents.shape, generator=generator, device=device, dtype=torch.float32)
+            gradient = distillation_gradient(
+                unet, latents, source_latents, embeddings, timesteps, noise,
+                alphas_cumprod, prediction_type, gradient_method, settings.guidance,
+            )  # fmt: skip
+            if mask is not None:
+                gradient = gradient * mask
+            latents = scores.sgd_step(latents, gradient, settings.lr)
+            if on_step is not None:
+                on_step(step, latents)
+    return latents
