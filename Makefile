@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine: `make first-edit` and `make test`.
+# Each makes a virtualenv in .venv, installs PyTorch (CPU build) first, then ddsedit.
+VENV ?= .venv
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+BIN = $(VENV)/bin
+STAMP = $(VENV)/.ddsedit-installed
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+first-edit: $(STAMP)
+	test -d out/tiny-random-model || HF_HUB_OFFLINE=1 $(BIN)/ddsedit make-tiny-model out/tiny-random-model
+	HF_HUB_OFFLINE=1 $(BIN)/ddsedit dds --src examples/red-circle-on-white.png --ref "a red circle" --query "a blue circle" \
+		--model out/tiny-random-model --steps 20 --seed 0 -o out/red-circle-on-white.dds.png --overwrite
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) out
+
+.PHONY: install first-edit test clean

@@ -1,0 +1,61 @@
+"""Shared fixtures. No test may reach the network: the hub is forced offline here."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SD pipeline saved with save_pretrained, built once per session."""
+    from ddsedit.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-model") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_v_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny pipeline with a v-prediction scheduler."""
+    from ddsedit.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(
+        tmp_path_factory.mktemp("tiny-v-model") / "tiny-v", prediction_type="v_prediction"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_editor(tiny_model_dir: Path):
+    from ddsedit.editor import Editor
+
+    return Editor.from_pretrained(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture
+def circle_image() -> Image.Image:
+    """A 60x40 red circle on white: a non-square source to exercise resizing."""
+    image = Image.new("RGB", (60, 40), (245, 245, 245))
+    ImageDraw.Draw(image).ellipse((10, 5, 40, 35), fill=(220, 40, 40))
+    return image
+
+
+@pytest.fixture
+def circle_files(tmp_path: Path, circle_image: Image.Image) -> dict[str, Path]:
+    """The circle image and a mask (white rectangle over the circle's area) on disk."""
+    source = tmp_path / "circle.png"
+    circle_image.save(source)
+    mask = Image.new("L", circle_image.size, 0)
+    ImageDraw.Draw(mask).rectangle((5, 0, 45, 39), fill=255)
+    mask_path = tmp_path / "mask.png"
+    mask.save(mask_path)
+    return {"src": source, "mask": mask_path}

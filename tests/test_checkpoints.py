@@ -1,0 +1,509 @@
+"""Offline tests of single-file checkpoint loading (ddsedit.checkpoints).
+
+A real SD checkpoint is gigabytes, so the round-trip tests build a tiny SD-shaped model in
+diffusers' layout, write it out in the ORIGINAL single-file layout (``model.diffusion_model.*``,
+``first_stage_model.*``, ``cond_stage_model.*``) with the inverse of diffusers' key mapping, load
+it back with ``load_single_file`` and compare outputs. The bundled full-size configs are checked
+by instantiating them on the meta device and counting parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+import torch  # noqa: E402
+from accelerate import init_empty_weights  # noqa: E402
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+from ddsedit import checkpoints  # noqa: E402
+from ddsedit.checkpoints import (  # noqa: E402
+    MODEL_CONFIGS_DIR,
+    detect_sd_version,
+    load_clip_tokenizer,
+    load_single_file,
+)
+from ddsedit.errors import InputError, ModelError  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+UNET_ATTN2 = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat", reference CLIP tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# The bundled configs and tokenizer
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("version", "prediction_type", "unet_params", "text_params", "sample_size", "pad_id"),
+    [
+        ("sd15", "epsilon", 859_520_964, 123_060_480, 64, 49407),
+        ("sd2", "epsilon", 865_910_724, 340_387_840, 64, 0),
+        ("sd2-v", "v_prediction", 865_910_724, 340_387_840, 96, 0),
+    ],
+)
+def test_bundled_configs(version, prediction_type, unet_params, text_params, sample_size, pad_id):
+    folder = MODEL_CONFIGS_DIR / version
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    unet_config = UNet2DConditionModel.load_config(folder, subfolder="unet", local_files_only=True)
+    vae_config = AutoencoderKL.load_config(folder, subfolder="vae", local_files_only=True)
+    text_config = CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
+    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+    assert scheduler.config.prediction_type == prediction_type
+    assert (scheduler.config.beta_start, scheduler.config.beta_end) == (0.00085, 0.012)
+    assert scheduler.config.beta_schedule == "scaled_linear"
+    assert unet_config["sample_size"] == sample_size
+    with init_empty_weights():
+        assert _count(UNet2DConditionModel.from_config(unet_config)) == unet_params
+        assert _count(AutoencoderKL.from_config(vae_config)) == 83_653_863
+        assert _count(CLIPTextModel(text_config)) == text_params
+
+    tokenizer = load_clip_tokenizer(folder / "tokenizer")
+    assert len(tokenizer) == 49408
+    assert tokenizer("a photo of a cat").input_ids == CAT_IDS
+    assert tokenizer.pad_token_id == pad_id
+    assert tokenizer.model_max_length == 77
+    padded = tokenizer("a cat", padding="max_length", max_length=77, truncation=True).input_ids
+    assert len(padded) == 77 and padded[:4] == [49406, 320, 2368, 49407] and padded[-1] == pad_id
+
+
+def test_bpe_files_are_the_clip_vocabulary():
+    vocab, merges = checkpoints.load_bpe()
+    assert len(vocab) == 49408 and len(merges) == 48894
+    assert vocab["!"] == 0 and vocab["a</w>"] == 320 and vocab["<|startoftext|>"] == 49406
+    assert sorted(vocab.values()) == list(range(49408))
+
+
+# ---------------------------------------------------------------------------------------------
+# Version detection on synthetic files holding just the distinguishing tensors
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def _stub(family: str, in_channels: int = 4) -> dict[str, torch.Tensor]:
+    unet = "model.diffusion_model."
+    width = 768 if family == "sd15" else 1024
+    tensors = {
+        unet + "input_blocks.0.0.weight": torch.zeros(2, in_channels, 1, 1),
+        UNET_ATTN2: torch.zeros(2, width),
+        "first_stage_model.encoder.conv_in.weight": torch.zeros(1),
+    }
+    if family == "sd15":
+        tensors["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"] = torch.zeros(1)
+    else:
+        tensors["cond_stage_model.model.token_embedding.weight"] = torch.zeros(1)
+    return tensors
+
+
+def test_detect_sd15(tmp_path):
+    assert detect_sd_version(_write(tmp_path / "v1-5-pruned-emaonly.safetensors", _stub("sd15"))) == "sd15"
+    # an SD 1.x file whose name says 768 is still SD 1.x
+    assert detect_sd_version(_write(tmp_path / "anything-768.safetensors", _stub("sd15"))) == "sd15"
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("v2-1_768-ema-pruned.safetensors", "sd2-v"),
+        ("768-v-ema.safetensors", "sd2-v"),
+        ("v2-1_512-ema-pruned.safetensors", "sd2"),
+        ("512-base-ema.safetensors", "sd2"),
+        ("myFineTune_vpred.safetensors", "sd2-v"),
+        ("mystery.safetensors", "sd2-v"),  # diffusers' default for SD 2.x: stable-diffusion-2-1
+    ],
+)
+def test_detect_sd2_prediction_type_from_name(tmp_path, name, expected):
+    assert detect_sd_version(_write(tmp_path / name, _stub("sd2"))) == expected
+
+
+def test_detect_sd2_override_and_metadata(tmp_path):
+    path = _write(tmp_path / "v2-1_768-ema-pruned.safetensors", _stub("sd2"))
+    assert detect_sd_version(path, prediction_type="epsilon") == "sd2"
+    assert detect_sd_version(path, prediction_type="v") == "sd2-v"
+    declared = _write(
+        tmp_path / "model_768.safetensors", _stub("sd2"), {"modelspec.prediction_type": "epsilon"}
+    )
+    assert detect_sd_version(declared) == "sd2"
+    architecture = _write(
+        tmp_path / "m512.safetensors", _stub("sd2"), {"modelspec.architecture": "stable-diffusion-v2-768-v"}
+    )
+    assert detect_sd_version(architecture) == "sd2-v"
+    marker = _write(tmp_path / "base.safetensors", {**_stub("sd2"), "v_pred": torch.zeros(0)})
+    assert detect_sd_version(marker) == "sd2-v"
+    with pytest.raises(InputError, match="prediction type"):
+        detect_sd_version(path, prediction_type="sample")
+
+
+def test_detect_without_text_encoder_uses_the_unet_width(tmp_path):
+    tensors = {key: value for key, value in _stub("sd2").items() if not key.startswith("cond_stage_model")}
+    assert detect_sd_version(_write(tmp_path / "x_512.safetensors", tensors)) == "sd2"
+
+
+def test_detect_refuses_other_models(tmp_path):
+    with pytest.raises(ModelError, match="input channels"):
+        detect_sd_version(_write(tmp_path / "inpainting.safetensors", _stub("sd15", in_channels=9)))
+    sdxl = {**_stub("sd15"), "conditioner.embedders.1.model.positional_embedding": torch.zeros(1)}
+    with pytest.raises(ModelError, match="SDXL"):
+        detect_sd_version(_write(tmp_path / "sdxl.safetensors", sdxl))
+    with pytest.raises(ModelError, match="not a Stable Diffusion"):
+        detect_sd_version(_write(tmp_path / "lora.safetensors", {"lora_unet_down.weight": torch.zeros(2)}))
+    mixed = {**_stub("sd2"), "cond_stage_model.model.token_embedding.weight": torch.zeros(1)}
+    mixed[UNET_ATTN2] = torch.zeros(2, 768)
+    with pytest.raises(ModelError, match="mixes"):
+        detect_sd_version(_write(tmp_path / "mixed.safetensors", mixed))
+
+
+def test_bad_files(tmp_path):
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(_write(tmp_path / "whole.safetensors", _stub("sd15")).read_bytes()[:-64])
+    for bad in (corrupt, truncated):
+        for call in (detect_sd_version, lambda path: load_single_file(path, torch.float32)):
+            with pytest.raises(ModelError, match="not a valid safetensors file") as caught:
+                call(bad)
+            assert "\n" not in str(caught.value)
+    with pytest.raises(InputError, match="does not exist"):
+        detect_sd_version(tmp_path / "missing.safetensors")
+    with pytest.raises(InputError, match="expected a .safetensors"):
+        detect_sd_version(_write(tmp_path / "model.weights", _stub("sd15")))
+    unrelated = _write(tmp_path / "unrelated.safetensors", {"encoder.layer.0.weight": torch.zeros(3)})
+    with pytest.raises(ModelError, match="not a Stable Diffusion"):
+        load_single_file(unrelated, torch.float32)
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".pth", ".bin"])
+def test_pickles_are_refused_without_allow_pickle(tmp_path, suffix):
+    path = tmp_path / f"model{suffix}"
+    torch.save({"state_dict": _stub("sd15")}, path)
+    message = f"{path} is a pickle checkpoint, which can run code when loaded; pass --allow-pickle"
+    with pytest.raises(InputError, match=re.escape(message)):
+        load_single_file(path, torch.float32)
+    with pytest.raises(InputError, match="pickle checkpoint"):
+        detect_sd_version(path)
+    assert detect_sd_version(path, allow_pickle=True) == "sd15"
+
+
+def test_pickle_global_step_marks_sd2_base(tmp_path):
+    path = tmp_path / "model.ckpt"
+    torch.save({"global_step": 875000, "state_dict": _stub("sd2")}, path)
+    assert detect_sd_version(path, allow_pickle=True) == "sd2"
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny SD-shaped model, written in the original single-file layout
+
+_RESNET_TO_LDM = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_VAE_ATTENTION_TO_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _resnet(rest: str, renames: dict[str, str]) -> str:
+    name, _, tail = rest.partition(".")
+    return f"{renames.get(name, name)}.{tail}"
+
+
+def unet_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """diffusers UNet2DConditionModel keys -> ``model.diffusion_model.*`` (LDM's openaimodel layout).
+
+    LDM numbers the UNet's blocks in one sequence per side: ``input_blocks.0`` is conv_in, then
+    each resolution level contributes ``layers_per_block`` (resnet, attention) blocks and, but for
+    the last level, one downsampler block; ``output_blocks`` mirror that with one block more per
+    level, the upsampler riding in the level's last block.
+    """
+    per_level = config["layers_per_block"] + 1
+    up_has_attention = ["CrossAttn" in name for name in config["up_block_types"]]
+    simple = {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "conv_in": "input_blocks.0.0",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+    }
+    converted = {}
+    for key, value in state.items():
+        module, _, leaf = key.rpartition(".")
+        if module in simple:
+            new_key = f"{simple[module]}.{leaf}"
+        elif match := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+            block = 1 + int(match[1]) * per_level + int(match[3])
+            if match[2] == "resnets":
+                new_key = f"input_blocks.{block}.0." + _resnet(match[4], _RESNET_TO_LDM)
+            else:
+                new_key = f"input_blocks.{block}.1.{match[4]}"
+        elif match := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+            new_key = f"input_blocks.{(int(match[1]) + 1) * per_level}.0.op.{match[2]}"
+        elif match := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
+            new_key = f"middle_block.{2 * int(match[1])}." + _resnet(match[2], _RESNET_TO_LDM)
+        elif match := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
+            new_key = f"middle_block.1.{match[1]}"
+        elif match := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+            block = int(match[1]) * per_level + int(match[3])
+            if match[2] == "resnets":
+                new_key = f"output_blocks.{block}.0." + _resnet(match[4], _RESNET_TO_LDM)
+            else:
+                new_key = f"output_blocks.{block}.1.{match[4]}"
+        elif match := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+            level = int(match[1])
+            slot = 2 if up_has_attention[level] else 1
+            new_key = f"output_blocks.{(level + 1) * per_level - 1}.{slot}.conv.{match[2]}"
+        else:
+            raise AssertionError(f"no LDM name for UNet key {key}")
+        converted["model.diffusion_model." + new_key] = value
+    return converted
+
+
+def vae_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderKL keys -> ``first_stage_model.*`` (LDM's layout, 1x1-conv attention)."""
+    levels = len(config["block_out_channels"])
+    shortcut = {"conv_shortcut": "nin_shortcut"}
+    converted = {}
+    for key, value in state.items():
+        if re.match(r"(post_)?quant_conv\.|(en|de)coder\.conv_(in|out)\.", key):
+            new_key = key
+        elif match := re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(.+)", key):
+            new_key = f"{match[1]}.norm_out.{match[2]}"
+        elif match := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+            new_key = f"encoder.down.{match[1]}.block.{match[2]}." + _resnet(match[3], shortcut)
+        elif match := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+            new_key = f"encoder.down.{match[1]}.downsample.conv.{match[2]}"
+        elif match := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+            level = levels - 1 - int(match[1])
+            new_key = f"decoder.up.{level}.block.{match[2]}." + _resnet(match[3], shortcut)
+        elif match := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+            new_key = f"decoder.up.{levels - 1 - int(match[1])}.upsample.conv.{match[2]}"
+        elif match := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
+            new_key = f"{match[1]}.mid.block_{int(match[2]) + 1}." + _resnet(match[3], shortcut)
+        elif match := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", key):
+            new_key = f"{match[1]}.mid.attn_1.{_VAE_ATTENTION_TO_LDM[match[2]]}.{match[3]}"
+            if match[2] != "group_norm" and match[3] == "weight":
+                value = value[:, :, None, None]  # LDM's attention projections are 1x1 convolutions
+        else:
+            raise AssertionError(f"no LDM name for VAE key {key}")
+        converted["first_stage_model." + new_key] = value
+    return converted
+
+
+def clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers CLIPTextModel keys -> SD 1.x's ``cond_stage_model.transformer.text_model.*``."""
+    prefix = "cond_stage_model.transformer.text_model."
+    converted = {prefix + key: value for key, value in state.items()}
+    positions = state["embeddings.position_embedding.weight"].shape[0]
+    converted[prefix + "embeddings.position_ids"] = torch.arange(positions)[None]
+    return converted
+
+
+def open_clip_to_ldm(state: dict[str, torch.Tensor], extra_layer: bool = True) -> dict[str, torch.Tensor]:
+    """transformers CLIPTextModel keys -> SD 2.x's OpenCLIP ``cond_stage_model.model.*``.
+
+    SD 2.x files hold one more transformer layer than the model uses (it reads the penultimate
+    layer), plus a text projection; ``extra_layer`` adds such unused tensors.
+    """
+    prefix = "cond_stage_model.model."
+    converted = {
+        prefix + "token_embedding.weight": state["embeddings.token_embedding.weight"],
+        prefix + "positional_embedding": state["embeddings.position_embedding.weight"],
+        prefix + "ln_final.weight": state["final_layer_norm.weight"],
+        prefix + "ln_final.bias": state["final_layer_norm.bias"],
+    }
+    layers = sorted({int(key.split(".")[2]) for key in state if key.startswith("encoder.layers.")})
+    for layer in layers:
+        source, target = f"encoder.layers.{layer}.", f"{prefix}transformer.resblocks.{layer}."
+        for kind in ("weight", "bias"):
+            converted[f"{target}ln_1.{kind}"] = state[f"{source}layer_norm1.{kind}"]
+            converted[f"{target}ln_2.{kind}"] = state[f"{source}layer_norm2.{kind}"]
+            converted[f"{target}mlp.c_fc.{kind}"] = state[f"{source}mlp.fc1.{kind}"]
+            converted[f"{target}mlp.c_proj.{kind}"] = state[f"{source}mlp.fc2.{kind}"]
+            converted[f"{target}attn.out_proj.{kind}"] = state[f"{source}self_attn.out_proj.{kind}"]
+            converted[f"{target}attn.in_proj_{kind}"] = torch.cat(
+                [state[f"{source}self_attn.{name}_proj.{kind}"] for name in ("q", "k", "v")]
+            )
+    if extra_layer:
+        unused = f"{prefix}transformer.resblocks.{len(layers)}."
+        for key in [key for key in converted if key.startswith(f"{prefix}transformer.resblocks.0.")]:
+            converted[unused + key.split("resblocks.0.")[1]] = torch.randn_like(converted[key])
+        width = state["final_layer_norm.weight"].shape[0]
+        converted[prefix + "text_projection"] = torch.randn(width, width)
+        converted[prefix + "logit_scale"] = torch.tensor(4.6)
+    return converted
+
+
+def _tiny_models(family: str):
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        use_linear_projection=family == "sd2",
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        latent_channels=4,
+        layers_per_block=1,
+        sample_size=16,
+    ).eval()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu" if family == "sd15" else "gelu",
+        )
+    ).eval()
+    # Give the norms non-default values so that a weight left unloaded would show.
+    with torch.no_grad():
+        for model in (unet, vae, text_encoder):
+            for name, parameter in model.named_parameters():
+                if "norm" in name:
+                    parameter.add_(0.1 * torch.randn_like(parameter))
+    return unet, vae, text_encoder
+
+
+def _config_folder(root: Path, family: str, unet, vae, text_encoder) -> Path:
+    bundled = MODEL_CONFIGS_DIR / ("sd15" if family == "sd15" else "sd2")
+    unet.save_config(root / "unet")
+    vae.save_config(root / "vae")
+    text_encoder.config.save_pretrained(root / "text_encoder")
+    shutil.copytree(bundled / "scheduler", root / "scheduler")
+    shutil.copytree(bundled / "tokenizer", root / "tokenizer")
+    return root
+
+
+@pytest.fixture(scope="module", params=["sd15", "sd2"])
+def tiny(request, tmp_path_factory):
+    family = request.param
+    root = tmp_path_factory.mktemp(f"tiny-{family}")
+    unet, vae, text_encoder = _tiny_models(family)
+    config_dir = _config_folder(root / "configs", family, unet, vae, text_encoder)
+    text_state = text_encoder.state_dict()
+    tensors = {
+        **unet_to_ldm(unet.state_dict(), unet.config),
+        **vae_to_ldm(vae.state_dict(), vae.config),
+        **(clip_to_ldm(text_state) if family == "sd15" else open_clip_to_ldm(text_state)),
+    }
+    path = root / f"tiny-{family}.safetensors"
+    save_file({key: value.contiguous() for key, value in tensors.items()}, str(path))
+    return {
+        "family": family,
+        "path": path,
+        "tensors": tensors,
+        "config_dir": config_dir,
+        "models": (unet, vae, text_encoder),
+    }
+
+
+@torch.no_grad()
+def _assert_same_outputs(parts, originals, tokenizer_ids) -> None:
+    unet, vae, text_encoder = originals
+    torch.manual_seed(1)
+    sample = torch.randn(1, 4, 8, 8)
+    context = torch.randn(1, 5, 32)
+    timestep = torch.tensor([10])
+    torch.testing.assert_close(
+        parts["unet"](sample, timestep, encoder_hidden_states=context).sample,
+        unet(sample, timestep, encoder_hidden_states=context).sample,
+    )
+    image = torch.rand(1, 3, 16, 16) * 2 - 1
+    torch.testing.assert_close(
+        parts["vae"].encode(image).latent_dist.mean, vae.encode(image).latent_dist.mean
+    )
+    latents = torch.randn(1, 4, 8, 8)
+    torch.testing.assert_close(parts["vae"].decode(latents).sample, vae.decode(latents).sample)
+    ids = torch.tensor([tokenizer_ids])
+    torch.testing.assert_close(
+        parts["text_encoder"](ids).last_hidden_state, text_encoder(ids).last_hidden_state
+    )
+
+
+def test_single_file_round_trip(tiny):
+    parts = load_single_file(tiny["path"], torch.float32, config_dir=tiny["config_dir"])
+    assert set(parts) == {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}
+    assert isinstance(parts["unet"], UNet2DConditionModel)
+    assert isinstance(parts["vae"], AutoencoderKL)
+    assert isinstance(parts["text_encoder"], CLIPTextModel)
+    ids = parts["tokenizer"]("a photo of a cat").input_ids
+    assert ids == CAT_IDS
+    assert parts["tokenizer"].pad_token_id == (49407 if tiny["family"] == "sd15" else 0)
+    assert parts["scheduler"].config.prediction_type == "epsilon"
+    assert parts["scheduler"].alphas_cumprod.shape == (1000,)
+    _assert_same_outputs(parts, tiny["models"], ids)
+
+
+def test_round_trip_in_half_precision_and_prediction_override(tiny):
+    parts = load_single_file(
+        tiny["path"], torch.bfloat16, config_dir=tiny["config_dir"], prediction_type="v_prediction"
+    )
+    for name in ("unet", "vae", "text_encoder"):
+        assert {parameter.dtype for parameter in parts[name].parameters()} == {torch.bfloat16}
+    assert parts["scheduler"].config.prediction_type == "v_prediction"
+
+
+def test_pickle_round_trip_with_allow_pickle(tiny, tmp_path):
+    path = tmp_path / "tiny.ckpt"
+    torch.save({"global_step": 1, "state_dict": tiny["tensors"]}, path)
+    with pytest.raises(InputError, match="pickle"):
+        load_single_file(path, torch.float32, config_dir=tiny["config_dir"])
+    parts = load_single_file(path, torch.float32, allow_pickle=True, config_dir=tiny["config_dir"])
+    for loaded, original in zip(
+        [parts[name] for name in ("unet", "vae", "text_encoder")], tiny["models"], strict=True
+    ):
+        expected = original.state_dict()
+        assert loaded.state_dict().keys() == expected.keys()
+        for key, value in loaded.state_dict().items():
+            assert torch.equal(value, expected[key]), key
+
+
+def test_incomplete_or_mismatched_checkpoints_fail_in_one_line(tiny, tmp_path):
+    tensors = dict(tiny["tensors"])
+    del tensors["first_stage_model.decoder.conv_out.weight"]
+    path = _write(tmp_path / "incomplete.safetensors", tensors)
+    with pytest.raises(ModelError, match=r"vae from incomplete.safetensors: some of its weights are missing"):
+        load_single_file(path, torch.float32, config_dir=tiny["config_dir"])
+
+    tensors = dict(tiny["tensors"])
+    tensors["model.diffusion_model.out.2.weight"] = torch.zeros(4, 64, 3, 3)
+    path = _write(tmp_path / "mismatched.safetensors", tensors)
+    with pytest.raises(ModelError) as caught:
+        load_single_file(path, torch.float32, config_dir=tiny["config_dir"])
+    assert "conv_out.weight has shape" in str(caught.value) and "\n" not in str(caught.value)
+
+    tensors = {key: value for key, value in tiny["tensors"].items() if not key.startswith("cond_stage_model")}
+    path = _write(tmp_path / "no-text.safetensors", tensors)
+    with pytest.raises(ModelError, match="text encoder"):
+        load_single_file(path, torch.float32, config_dir=tiny["config_dir"])

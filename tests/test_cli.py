@@ -1,0 +1,211 @@
+"""The command line: output on stdout, one-line errors on stderr, exit codes, no stray files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from ddsedit import __version__
+from ddsedit.cli import app
+from ddsedit.imageio import read_metadata
+
+runner = CliRunner()
+
+
+def _edit(method: str, files: dict[str, Path], model: Path, *extra: str, ref: str = "a red circle"):
+    args = [
+        method,
+        "--src",
+        str(files["src"]),
+        "--query",
+        "a blue circle",
+        "--model",
+        str(model),
+        "--steps",
+        "3",
+    ]
+    if method != "sds":
+        args += ["--ref", ref]
+    if method == "masked-dds":
+        args += ["--mask", str(files["mask"])]
+    return runner.invoke(app, [*args, *extra])
+
+
+def _assert_one_line_error(result, exit_code: int, text: str) -> None:
+    assert result.exit_code == exit_code, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert text in lines[0], lines[0]
+
+
+def test_version_and_help() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"ddsedit {__version__}"
+    for command in ([], ["sds"], ["dds"], ["masked-dds"]):
+        shown = runner.invoke(app, [*command, "-h"])
+        assert shown.exit_code == 0 and "Usage" in shown.stdout
+    assert "--iterations" in runner.invoke(app, ["dds", "--help"]).stdout
+    assert runner.invoke(app, []).exit_code == 2  # no_args_is_help
+
+
+@pytest.mark.parametrize("method", ["sds", "dds", "masked-dds"])
+def test_each_method_writes_a_png_with_metadata(
+    method, circle_files, tiny_model_dir, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = _edit(method, circle_files, tiny_model_dir, "--seed", "5", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    expected = tmp_path / f"circle.{method}.png"
+    assert result.stdout == f"{expected}\n"  # stdout holds only the path
+    assert result.stderr == ""  # --quiet
+    with Image.open(expected) as written:
+        assert written.size == (60, 40)
+    metadata = read_metadata(expected)
+    assert metadata["method"] == method and metadata["seed"] == "5" and metadata["steps"] == "3"
+    assert metadata["query"] == "a blue circle" and metadata["ddsedit_version"] == __version__
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_overwrite_protection_and_flag(circle_files, tiny_model_dir, tmp_path) -> None:
+    output = tmp_path / "edited.png"
+    output.write_bytes(b"precious")
+    refused = _edit("dds", circle_files, tiny_model_dir, "-o", str(output), "-q")
+    _assert_one_line_error(refused, 2, "output exists")
+    assert output.read_bytes() == b"precious"
+    replaced = _edit("dds", circle_files, tiny_model_dir, "-o", str(output), "-q", "--overwrite")
+    assert replaced.exit_code == 0 and output.read_bytes() != b"precious"
+
+
+def test_progress_goes_to_stderr(circle_files, tiny_model_dir, tmp_path) -> None:
+    result = _edit("dds", circle_files, tiny_model_dir, "-o", str(tmp_path / "o.png"))
+    assert result.exit_code == 0
+    assert result.stdout.strip() == str(tmp_path / "o.png")
+    assert "3/3" in result.stderr
+
+
+def test_frames_and_animation(circle_files, tiny_model_dir, tmp_path) -> None:
+    frames = tmp_path / "frames"
+    animation = tmp_path / "run.gif"
+    result = _edit(
+        "dds", circle_files, tiny_model_dir, "-o", str(tmp_path / "o.png"), "-q",
+        "--save-every", "1", "--frames", str(frames), "--animation", str(animation),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in frames.iterdir()) == [f"circle.dds.{step:04d}.png" for step in range(4)]
+    with Image.open(animation) as gif:
+        assert gif.is_animated
+
+
+def test_ref_equal_to_query_warns_but_runs(circle_files, tiny_model_dir, tmp_path) -> None:
+    result = _edit("dds", circle_files, tiny_model_dir, "-o", str(tmp_path / "o.png"), ref="a blue circle")
+    assert result.exit_code == 0
+    assert "same" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "text"),
+    [
+        (["--steps", "0"], 2, "--steps"),
+        (["--guidance", "-1"], 2, "--guidance"),
+        (["--lr", "0"], 2, "--lr"),
+        (["--t-min", "0"], 2, "--t-min"),
+        (["--t-max", "1000"], 2, "--t-max"),
+        (["--t-min", "600", "--t-max", "400"], 2, "--t-min"),
+        (["--model", "no-such-model"], 1, "unknown model"),
+        (["--device", "cuda"], 2, "CUDA"),
+        (["--dtype", "fp8"], 2, "unknown dtype"),
+        (["-o", "/no/such/folder/out.png"], 2, "output folder does not exist"),
+    ],
+)
+def test_bad_options_give_one_line(extra, code, text, circle_files, tiny_model_dir, tmp_path) -> None:
+    if "--device" in extra:
+        pytest.importorskip("torch")
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    result = _edit(
+        "dds",
+        circle_files,
+        tiny_model_dir,
+        *(extra if "-o" in extra else [*extra, "-o", str(tmp_path / "o.png")]),
+    )
+    _assert_one_line_error(result, code, text)
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_bad_files_give_one_line(circle_files, tiny_model_dir, tmp_path) -> None:
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("hello")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(circle_files["src"].read_bytes()[:200])
+    black = tmp_path / "black.png"
+    Image.new("L", (60, 40), 0).save(black)
+    white = tmp_path / "white.png"
+    Image.new("L", (60, 40), 255).save(white)
+    not_model = tmp_path / "not-a-model"
+    not_model.mkdir()
+    cases = [
+        ({"src": tmp_path / "missing.png"}, "dds", [], 2, "not found"),
+        ({"src": not_image}, "dds", [], 2, "not an image"),
+        ({"src": truncated}, "dds", [], 2, "truncated"),
+        ({"mask": tmp_path / "missing-mask.png"}, "masked-dds", [], 2, "mask not found"),
+        ({"mask": black}, "masked-dds", [], 2, "all black"),
+        ({"mask": white}, "masked-dds", [], 2, "all white"),
+    ]
+    for replacement, method, extra, code, text in cases:
+        files = {**circle_files, **replacement}
+        result = _edit(method, files, tiny_model_dir, "-o", str(tmp_path / "o.png"), *extra)
+        _assert_one_line_error(result, code, text)
+    _assert_one_line_error(
+        _edit("dds", circle_files, not_model, "-o", str(tmp_path / "o.png")),
+        1,
+        "not a diffusers model folder",
+    )
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_empty_prompts_give_one_line(circle_files, tiny_model_dir, tmp_path) -> None:
+    _assert_one_line_error(_edit("dds", circle_files, tiny_model_dir, ref="  "), 2, "--ref")
+    result = runner.invoke(
+        app, ["sds", "--src", str(circle_files["src"]), "--query", "", "--model", str(tiny_model_dir)]
+    )
+    _assert_one_line_error(result, 2, "--query")
+    missing = runner.invoke(app, ["dds", "--src", str(circle_files["src"]), "--ref", "x"])
+    assert missing.exit_code == 2 and "--query" in missing.stderr
+
+
+def test_models_lists_the_default(monkeypatch) -> None:
+    monkeypatch.setenv("DDSEDIT_MODEL", "/my/model")
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0 and "/my/model" in result.stderr
+
+
+def test_help_does_not_import_torch() -> None:
+    """--help must answer at once: the CLI module may not pull in torch, diffusers or transformers."""
+    code = "import sys, ddsedit.cli; print(any(m in sys.modules for m in ('torch', 'diffusers', 'transformers')))"
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "False"
+
+
+def test_installed_console_script_runs_an_edit(circle_files, tiny_model_dir, tmp_path) -> None:
+    executable = shutil.which("ddsedit")
+    assert executable is not None, "ddsedit is not installed on PATH"
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run(
+        [executable, "dds", "--src", str(circle_files["src"]), "--ref", "a red circle", "--query", "a blue circle",
+         "--model", str(tiny_model_dir), "--steps", "2", "--seed", "1", "--quiet"],
+        capture_output=True, text=True, cwd=tmp_path, env=environment, timeout=300,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout == f"{tmp_path / 'circle.dds.png'}\n"
+    assert completed.stderr == ""
+    assert (tmp_path / "circle.dds.png").is_file()

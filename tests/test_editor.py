@@ -1,0 +1,138 @@
+"""The Python API end to end on the tiny random model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ddsedit import imageio
+from ddsedit.editor import EditConfig, Editor, save_result
+from ddsedit.errors import InputError
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_model_defaults_apply_and_overrides_win(tiny_editor: Editor) -> None:
+    assert tiny_editor.components.defaults == {"size": 32}
+    assert tiny_editor.config().size == 32
+    assert tiny_editor.config(size=48, steps=None).size == 48  # None means "flag not given"
+    assert tiny_editor.config().steps == 200
+
+
+def test_dds_returns_the_source_size_and_is_reproducible(
+    tiny_editor: Editor, circle_image: Image.Image
+) -> None:
+    first = tiny_editor.dds(circle_image, ref="a red circle", query="a blue circle", steps=5, seed=7)
+    second = tiny_editor.dds(circle_image, ref="a red circle", query="a blue circle", steps=5, seed=7)
+    other = tiny_editor.dds(circle_image, ref="a red circle", query="a blue circle", steps=5, seed=8)
+    assert first.size == circle_image.size
+    assert np.array_equal(_pixels(first), _pixels(second))  # bit-identical on CPU
+    assert not np.array_equal(_pixels(first), _pixels(other))
+    assert first.info["seed"] == "7" and first.info["method"] == "dds"
+
+
+def test_keep_working_size_uses_multiples_of_the_vae_stride(tiny_editor: Editor, circle_image) -> None:
+    result = tiny_editor.sds(circle_image, query="a blue circle", steps=2, seed=0, keep_working_size=True)
+    stride = tiny_editor.components.vae_scale_factor
+    assert stride == 2  # from the tiny VAE's config, not a hard-coded 8
+    assert max(result.size) == 32 and result.size[0] % stride == 0 and result.size[1] % stride == 0
+
+
+def test_masked_dds_keeps_pixels_outside_the_mask(tiny_editor: Editor, circle_files) -> None:
+    source = imageio.load_image(circle_files["src"])
+    mask = imageio.load_mask(circle_files["mask"], source.size)
+    edited = tiny_editor.masked_dds(source, mask, ref="a red circle", query="a blue circle", steps=10, seed=1)
+    outside = np.asarray(mask) == 0
+    difference = np.abs(_pixels(edited) - _pixels(source))
+    assert difference[outside].max() <= 1
+    assert difference[~outside].max() > 1  # and something did change inside
+
+
+def test_masked_dds_without_paste_back_changes_the_whole_decode(tiny_editor: Editor, circle_files) -> None:
+    source = imageio.load_image(circle_files["src"])
+    mask = imageio.load_mask(circle_files["mask"], source.size)
+    edited = tiny_editor.masked_dds(
+        source, mask, ref="a red circle", query="a blue circle", steps=3, seed=1, paste_back=False
+    )
+    outside = np.asarray(mask) == 0
+    assert np.abs(_pixels(edited) - _pixels(source))[outside].max() > 1  # VAE round trip is lossy
+
+
+def test_metadata_round_trip_reproduces_the_edit(tiny_editor: Editor, circle_image, tmp_path) -> None:
+    config = tiny_editor.config(steps=4, guidance=5.0, lr=0.2, t_min=20, t_max=980, negative="blurry")
+    result = tiny_editor.edit(circle_image, "dds", query="a blue circle", ref="a red circle", config=config)
+    path = save_result(result, tmp_path / "out.png")
+    metadata = imageio.read_metadata(path)
+    for key in ("method", "ref", "query", "seed", "steps", "guidance", "lr", "t_min", "t_max", "model"):
+        assert key in metadata
+    assert metadata["negative"] == "blurry" and metadata["t_max"] == "980"
+    again = tiny_editor.edit(
+        circle_image, metadata["method"], query=metadata["query"], ref=metadata["ref"],
+        config=tiny_editor.config(
+            steps=int(metadata["steps"]), guidance=float(metadata["guidance"]), lr=float(metadata["lr"]),
+            t_min=int(metadata["t_min"]), t_max=int(metadata["t_max"]), seed=int(metadata["seed"]),
+            negative=metadata["negative"],
+        ),
+    )  # fmt: skip
+    assert np.array_equal(_pixels(again.image), _pixels(Image.open(path)))
+    with pytest.raises(InputError, match="output exists"):
+        save_result(result, path)
+
+
+def test_frames_are_kept_every_n_steps(tiny_editor: Editor, circle_image) -> None:
+    result = tiny_editor.edit(
+        circle_image, "sds", query="a blue circle", config=tiny_editor.config(steps=5, save_every=2, seed=0)
+    )
+    assert [step for step, _ in result.frames] == [0, 2, 4, 5]
+
+
+def test_v_prediction_model_edits(tiny_v_model_dir) -> None:
+    editor = Editor.from_pretrained(tiny_v_model_dir, device="cpu")
+    assert editor.components.prediction_type == "v_prediction"
+    edited = editor.dds(
+        Image.new("RGB", (16, 16), (200, 0, 0)), ref="a red circle", query="a blue circle", steps=3
+    )
+    assert edited.size == (16, 16)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"steps": 0}, "--steps"),
+        ({"steps": -3}, "--steps"),
+        ({"guidance": -1.0}, "--guidance"),
+        ({"lr": 0.0}, "--lr"),
+        ({"lr": float("nan")}, "--lr"),
+        ({"t_min": 0}, "--t-min"),
+        ({"t_max": 1000}, "--t-max"),
+        ({"t_min": 500, "t_max": 500}, "--t-min"),
+        ({"size": 0}, "--size"),
+    ],
+)
+def test_bad_settings_are_refused(overrides, message) -> None:
+    with pytest.raises(InputError, match=message):
+        EditConfig().replace(**overrides).validate()
+
+
+def test_empty_prompts_and_missing_mask_are_refused(tiny_editor: Editor, circle_image) -> None:
+    with pytest.raises(InputError, match="--query"):
+        tiny_editor.dds(circle_image, ref="a red circle", query="  ")
+    with pytest.raises(InputError, match="--ref"):
+        tiny_editor.dds(circle_image, ref="", query="a blue circle")
+    with pytest.raises(InputError, match="--mask"):
+        tiny_editor.edit(circle_image, "masked-dds", query="a", ref="b")
+    with pytest.raises(InputError, match="unknown edit setting"):
+        tiny_editor.config(iterations=3)
+
+
+def test_text_encoder_can_be_freed_after_encoding(tiny_model_dir, circle_image) -> None:
+    editor = Editor.from_pretrained(tiny_model_dir, device="cpu", keep_text_encoder=False)
+    editor.dds(circle_image, ref="a red circle", query="a blue circle", steps=1, seed=0)
+    assert editor.components.text_encoder is None
+    # The same prompts still work from the cache; new ones say why they cannot.
+    editor.dds(circle_image, ref="a red circle", query="a blue circle", steps=1, seed=0)
+    with pytest.raises(Exception, match="text encoder was freed"):
+        editor.dds(circle_image, ref="a red circle", query="a green circle", steps=1)

@@ -1,0 +1,136 @@
+"""The loop: one UNet call per step, shared timestep and noise, guidance, mask, seed."""
+
+from __future__ import annotations
+
+import torch
+
+from ddsedit import scores
+from ddsedit.optimize import LoopSettings, PromptEmbeddings, distill, distillation_gradient
+
+
+class RecordingUNet(torch.nn.Module):
+    """A stand-in UNet: its prediction is latents * 0.5 + the embedding's mean, and it records calls."""
+
+    def __init__(self, output_nan: bool = False) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.output_nan = output_nan
+
+    def forward(self, sample, timestep, encoder_hidden_states, return_dict=False):
+        self.calls.append((sample.clone(), timestep.clone(), encoder_hidden_states.clone()))
+        prediction = sample * 0.5 + encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+        if self.output_nan:
+            prediction = torch.full_like(prediction, float("nan"))
+        return (prediction,)
+
+
+def _embeddings() -> PromptEmbeddings:
+    return PromptEmbeddings(
+        unconditional=torch.zeros(1, 3, 2),
+        source=torch.full((1, 3, 2), 1.0),
+        target=torch.full((1, 3, 2), 3.0),
+    )
+
+
+def _alphas() -> torch.Tensor:
+    return torch.linspace(0.999, 0.01, 1000)
+
+
+def test_dds_uses_one_call_of_four_with_shared_timestep_and_noise() -> None:
+    unet = RecordingUNet()
+    source = torch.randn(1, 4, 4, 4)
+    latents = source + 0.3
+    timesteps = torch.tensor([500])
+    noise = torch.randn(1, 4, 4, 4)
+    gradient = distillation_gradient(
+        unet, latents, source, _embeddings(), timesteps, noise, _alphas(), "epsilon", "dds", 7.5
+    )
+    assert len(unet.calls) == 1
+    sample, timestep, conditions = unet.calls[0]
+    assert sample.shape[0] == 4 and timestep.tolist() == [500] * 4
+    alpha_bar = _alphas()[500]
+    torch.testing.assert_close(sample[0], sample[1])
+    torch.testing.assert_close(sample[2], sample[3])
+    # Same noise: the noisy latents differ only by sqrt(alpha_bar) * (latents - source).
+    torch.testing.assert_close(sample[2] - sample[0], alpha_bar.sqrt() * (latents - source)[0])
+    torch.testing.assert_close(conditions[:, 0, 0], torch.tensor([0.0, 1.0, 0.0, 3.0]))
+    # Hand computation: guided = 0.5 * noisy + 7.5 * embedding mean; the noisy halves differ as above.
+    expected = 0.5 * alpha_bar.sqrt() * (latents - source) + 7.5 * (3.0 - 1.0)
+    torch.testing.assert_close(gradient, expected)
+
+
+def test_sds_uses_one_call_of_two_and_subtracts_the_noise() -> None:
+    unet = RecordingUNet()
+    latents = torch.randn(1, 4, 4, 4)
+    noise = torch.randn(1, 4, 4, 4)
+    gradient = distillation_gradient(
+        unet, latents, latents, _embeddings(), torch.tensor([100]), noise, _alphas(), "epsilon", "sds", 2.0
+    )
+    assert len(unet.calls) == 1 and unet.calls[0][0].shape[0] == 2
+    noisy = scores.add_noise(latents, noise, _alphas()[[100]])
+    torch.testing.assert_close(gradient, 0.5 * noisy + 2.0 * 3.0 - noise)
+
+
+def test_distill_calls_the_unet_once_per_step_and_is_reproducible() -> None:
+    source = torch.randn(1, 4, 4, 4)
+    settings = LoopSettings(method="dds", steps=7, guidance=7.5, lr=0.1, t_min=50, t_max=950)
+    unet = RecordingUNet()
+    first = distill(
+        unet, source, _embeddings(), _alphas(), "epsilon", settings, torch.Generator().manual_seed(3)
+    )
+    assert len(unet.calls) == 7
+    drawn = [int(call[1][0]) for call in unet.calls]
+    assert all(50 <= t < 950 for t in drawn) and len(set(drawn)) > 1
+    second = distill(
+        RecordingUNet(),
+        source,
+        _embeddings(),
+        _alphas(),
+        "epsilon",
+        settings,
+        torch.Generator().manual_seed(3),
+    )
+    assert torch.equal(first, second)
+    third = distill(
+        RecordingUNet(),
+        source,
+        _embeddings(),
+        _alphas(),
+        "epsilon",
+        settings,
+        torch.Generator().manual_seed(4),
+    )
+    assert not torch.equal(first, third)
+
+
+def test_mask_confines_the_update() -> None:
+    source = torch.randn(1, 4, 4, 4)
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2] = 1.0
+    settings = LoopSettings(method="masked-dds", steps=5)
+    latents = distill(
+        RecordingUNet(), source, _embeddings(), _alphas(), "epsilon", settings,
+        torch.Generator().manual_seed(0), mask=mask,
+    )  # fmt: skip
+    assert torch.equal(latents[..., 2:], source[..., 2:])
+    assert not torch.equal(latents[..., :2], source[..., :2])
+
+
+def test_nan_predictions_do_not_poison_the_latents() -> None:
+    source = torch.randn(1, 4, 4, 4)
+    latents = distill(
+        RecordingUNet(output_nan=True), source, _embeddings(), _alphas(), "epsilon",
+        LoopSettings(steps=3), torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert torch.isfinite(latents).all()
+    assert torch.equal(latents, source)
+
+
+def test_on_step_sees_every_step() -> None:
+    seen: list[int] = []
+    distill(
+        RecordingUNet(), torch.randn(1, 4, 4, 4), _embeddings(), _alphas(), "epsilon", LoopSettings(steps=4),
+        torch.Generator().manual_seed(0), on_step=lambda step, latents: seen.append(step),
+    )  # fmt: skip
+    assert seen == [1, 2, 3, 4]

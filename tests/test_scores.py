@@ -1,0 +1,75 @@
+"""The score math against hand computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ddsedit import scores
+
+
+def test_add_noise_matches_formula() -> None:
+    latents = torch.tensor([[[[1.0, -2.0]]], [[[0.5, 0.0]]]])
+    noise = torch.tensor([[[[0.3, 0.1]]], [[[-1.0, 2.0]]]])
+    alpha_bar = torch.tensor([0.64, 0.25])
+    noisy = scores.add_noise(latents, noise, alpha_bar)
+    expected_first = 0.8 * torch.tensor([1.0, -2.0]) + 0.6 * torch.tensor([0.3, 0.1])
+    expected_second = 0.5 * torch.tensor([0.5, 0.0]) + math.sqrt(0.75) * torch.tensor([-1.0, 2.0])
+    torch.testing.assert_close(noisy[0, 0, 0], expected_first)
+    torch.testing.assert_close(noisy[1, 0, 0], expected_second)
+
+
+def test_classifier_free_guidance() -> None:
+    unconditional = torch.tensor([1.0, 2.0])
+    conditional = torch.tensor([2.0, 0.0])
+    torch.testing.assert_close(
+        scores.classifier_free_guidance(unconditional, conditional, 7.5), torch.tensor([8.5, -13.0])
+    )
+    torch.testing.assert_close(scores.classifier_free_guidance(unconditional, conditional, 1.0), conditional)
+    torch.testing.assert_close(
+        scores.classifier_free_guidance(unconditional, conditional, 0.0), unconditional
+    )
+
+
+def test_v_prediction_converts_to_the_true_noise() -> None:
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randn(3, 4, 5, 5, generator=generator)
+    noise = torch.randn(3, 4, 5, 5, generator=generator)
+    alpha_bar = torch.tensor([0.9, 0.5, 0.05])
+    a = alpha_bar.view(-1, 1, 1, 1)
+    noisy = a.sqrt() * clean + (1 - a).sqrt() * noise
+    velocity = a.sqrt() * noise - (1 - a).sqrt() * clean
+    recovered = scores.epsilon_from_prediction(velocity, noisy, alpha_bar, "v_prediction")
+    torch.testing.assert_close(recovered, noise, atol=1e-5, rtol=1e-5)
+    assert scores.epsilon_from_prediction(noise, noisy, alpha_bar, "epsilon") is noise
+    with pytest.raises(ValueError, match="unsupported prediction type"):
+        scores.epsilon_from_prediction(noise, noisy, alpha_bar, "sample")
+
+
+def test_gradients_and_nan_guard() -> None:
+    target = torch.tensor([1.0, float("nan"), float("inf"), 3.0])
+    noise = torch.tensor([0.5, 0.0, 0.0, 1.0])
+    gradient = scores.sds_gradient(target, noise)
+    assert torch.isfinite(gradient).all()
+    assert gradient[0] == 0.5 and gradient[1] == 0.0 and gradient[3] == 2.0
+    source = torch.tensor([0.25, 1.0, 2.0, float("-inf")])
+    delta = scores.dds_gradient(torch.tensor([1.0, 1.0, 1.0, 1.0]), source)
+    assert torch.isfinite(delta).all()
+    torch.testing.assert_close(delta[:3], torch.tensor([0.75, 0.0, -1.0]))
+
+
+def test_sgd_step_equals_autograd_sgd_on_the_reference_loss() -> None:
+    """The direct update is SGD on 2000 * sum(z * grad) / 4096 with grad held fixed."""
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(1, 4, 16, 16, generator=generator)
+    gradient = torch.randn(1, 4, 16, 16, generator=generator)
+    parameter = latents.clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([parameter], lr=0.1)
+    loss = 2000.0 * (parameter * gradient).sum() / 4096
+    loss.backward()
+    optimizer.step()
+    torch.testing.assert_close(scores.sgd_step(latents, gradient, 0.1), parameter.detach())
+    # The scale is fixed, whatever the latent's size.
+    assert scores.GRADIENT_SCALE == pytest.approx(2000 / 4096)
