@@ -136,3 +136,34 @@ def test_text_encoder_can_be_freed_after_encoding(tiny_model_dir, circle_image) 
     editor.dds(circle_image, ref="a red circle", query="a blue circle", steps=1, seed=0)
     with pytest.raises(Exception, match="text encoder was freed"):
         editor.dds(circle_image, ref="a red circle", query="a green circle", steps=1)
+
+
+def test_vae_overflow_in_half_precision_reruns_in_fp32(tiny_model_dir) -> None:
+    """SD 2.x VAEs can give inf in fp16: the decode is rerun in fp32 and the VAE stays there."""
+    import torch
+
+    editor = Editor.from_pretrained(tiny_model_dir, device="cpu", dtype="bf16")
+    vae = editor.components.vae
+    real_decode = vae.decode
+
+    def overflowing_decode(latents, return_dict=False):
+        decoded = real_decode(latents, return_dict=return_dict)
+        if latents.dtype != torch.float32:
+            return (torch.full_like(decoded[0], float("inf")),)
+        return decoded
+
+    vae.decode = overflowing_decode
+    pixels = editor.decode_latents(torch.zeros(1, 4, 8, 8))
+    assert torch.isfinite(pixels).all()
+    assert vae.dtype == torch.float32
+
+
+def test_tiny_tokenizer_words_are_single_tokens() -> None:
+    from ddsedit.tiny import TINY_WORDS, word_level_clip_tokenizer
+
+    tokenizer = word_level_clip_tokenizer(TINY_WORDS)
+    ids = tokenizer("a red circle on a white background").input_ids
+    assert len(ids) == 2 + 7  # start, seven words, end
+    assert tokenizer.model_max_length == 77
+    for word in TINY_WORDS:
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1
