@@ -22,9 +22,7 @@ def test_model_defaults_apply_and_overrides_win(tiny_editor: Editor) -> None:
     assert tiny_editor.config().steps == 200
 
 
-def test_dds_returns_the_source_size_and_is_reproducible(
-    tiny_editor: Editor, circle_image: Image.Image
-) -> None:
+def test_dds_returns_the_source_size_and_is_reproducible(tiny_editor: Editor, circle_image: Image.Image) -> None:
     first = tiny_editor.dds(circle_image, ref="a red circle", query="a blue circle", steps=5, seed=7)
     second = tiny_editor.dds(circle_image, ref="a red circle", query="a blue circle", steps=5, seed=7)
     other = tiny_editor.dds(circle_image, ref="a red circle", query="a blue circle", steps=5, seed=8)
@@ -92,9 +90,7 @@ def test_frames_are_kept_every_n_steps(tiny_editor: Editor, circle_image) -> Non
 def test_v_prediction_model_edits(tiny_v_model_dir) -> None:
     editor = Editor.from_pretrained(tiny_v_model_dir, device="cpu")
     assert editor.components.prediction_type == "v_prediction"
-    edited = editor.dds(
-        Image.new("RGB", (16, 16), (200, 0, 0)), ref="a red circle", query="a blue circle", steps=3
-    )
+    edited = editor.dds(Image.new("RGB", (16, 16), (200, 0, 0)), ref="a red circle", query="a blue circle", steps=3)
     assert edited.size == (16, 16)
 
 
@@ -167,3 +163,24 @@ def test_tiny_tokenizer_words_are_single_tokens() -> None:
     assert tokenizer.model_max_length == 77
     for word in TINY_WORDS:
         assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1
+
+
+def test_batch_gives_each_image_what_a_single_run_gives(tiny_editor: Editor) -> None:
+    from ddsedit.editor import EditRequest
+
+    colours = [(220, 40, 40), (40, 80, 220), (40, 170, 60)]
+    requests = [
+        EditRequest(Image.new("RGB", (24, 24), colour), query="a blue circle", ref="a red circle", seed=20 + i)
+        for i, colour in enumerate(colours)
+    ]
+    config = tiny_editor.config(steps=4)
+    batched = tiny_editor.edit_batch(requests, "dds", config=config)
+    for request, result in zip(requests, batched, strict=True):
+        alone = tiny_editor.edit(request.image, "dds", query=request.query, ref=request.ref,
+                                 config=config.replace(seed=request.seed))  # fmt: skip
+        assert result.parameters["seed"] == request.seed
+        assert np.abs(_pixels(result.image) - _pixels(alone.image)).max() <= 1
+    with pytest.raises(InputError, match="same working size"):
+        tiny_editor.edit_batch(
+            [requests[0], EditRequest(Image.new("RGB", (24, 12)), query="a", ref="b")], "dds", config=config
+        )

@@ -76,9 +76,7 @@ def test_distill_calls_the_unet_once_per_step_and_is_reproducible() -> None:
     source = torch.randn(1, 4, 4, 4)
     settings = LoopSettings(method="dds", steps=7, guidance=7.5, lr=0.1, t_min=50, t_max=950)
     unet = RecordingUNet()
-    first = distill(
-        unet, source, _embeddings(), _alphas(), "epsilon", settings, torch.Generator().manual_seed(3)
-    )
+    first = distill(unet, source, _embeddings(), _alphas(), "epsilon", settings, [torch.Generator().manual_seed(3)])
     assert len(unet.calls) == 7
     drawn = [int(call[1][0]) for call in unet.calls]
     assert all(50 <= t < 950 for t in drawn) and len(set(drawn)) > 1
@@ -89,7 +87,7 @@ def test_distill_calls_the_unet_once_per_step_and_is_reproducible() -> None:
         _alphas(),
         "epsilon",
         settings,
-        torch.Generator().manual_seed(3),
+        [torch.Generator().manual_seed(3)],
     )
     assert torch.equal(first, second)
     third = distill(
@@ -99,7 +97,7 @@ def test_distill_calls_the_unet_once_per_step_and_is_reproducible() -> None:
         _alphas(),
         "epsilon",
         settings,
-        torch.Generator().manual_seed(4),
+        [torch.Generator().manual_seed(4)],
     )
     assert not torch.equal(first, third)
 
@@ -111,7 +109,7 @@ def test_mask_confines_the_update() -> None:
     settings = LoopSettings(method="masked-dds", steps=5)
     latents = distill(
         RecordingUNet(), source, _embeddings(), _alphas(), "epsilon", settings,
-        torch.Generator().manual_seed(0), mask=mask,
+        [torch.Generator().manual_seed(0)], mask=mask,
     )  # fmt: skip
     assert torch.equal(latents[..., 2:], source[..., 2:])
     assert not torch.equal(latents[..., :2], source[..., :2])
@@ -121,7 +119,7 @@ def test_nan_predictions_do_not_poison_the_latents() -> None:
     source = torch.randn(1, 4, 4, 4)
     latents = distill(
         RecordingUNet(output_nan=True), source, _embeddings(), _alphas(), "epsilon",
-        LoopSettings(steps=3), torch.Generator().manual_seed(0),
+        LoopSettings(steps=3), [torch.Generator().manual_seed(0)],
     )  # fmt: skip
     assert torch.isfinite(latents).all()
     assert torch.equal(latents, source)
@@ -131,6 +129,24 @@ def test_on_step_sees_every_step() -> None:
     seen: list[int] = []
     distill(
         RecordingUNet(), torch.randn(1, 4, 4, 4), _embeddings(), _alphas(), "epsilon", LoopSettings(steps=4),
-        torch.Generator().manual_seed(0), on_step=lambda step, latents: seen.append(step),
+        [torch.Generator().manual_seed(0)], on_step=lambda step, latents: seen.append(step),
     )  # fmt: skip
     assert seen == [1, 2, 3, 4]
+
+
+def test_an_image_in_a_batch_gets_the_draws_it_gets_alone() -> None:
+    sources = torch.randn(3, 4, 4, 4)
+    embeddings = PromptEmbeddings(
+        unconditional=torch.zeros(3, 3, 2), source=torch.ones(3, 3, 2), target=torch.full((3, 3, 2), 3.0)
+    )
+    settings = LoopSettings(steps=4)
+    batched = distill(
+        RecordingUNet(), sources, embeddings, _alphas(), "epsilon", settings,
+        [torch.Generator().manual_seed(seed) for seed in (10, 11, 12)],
+    )  # fmt: skip
+    for index, seed in enumerate((10, 11, 12)):
+        alone = distill(
+            RecordingUNet(), sources[index : index + 1], _embeddings(), _alphas(), "epsilon", settings,
+            [torch.Generator().manual_seed(seed)],
+        )  # fmt: skip
+        torch.testing.assert_close(batched[index : index + 1], alone)

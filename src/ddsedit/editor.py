@@ -109,6 +109,29 @@ class EditResult:
         return text
 
 
+@dataclass
+class EditRequest:
+    """One image to edit in a batch: its prompts, its mask (masked-dds) and optionally its own seed."""
+
+    image: ImageLike
+    query: str
+    ref: str | None = None
+    mask: ImageLike | None = None
+    seed: int | None = None  # None: the config's seed (or a random one)
+
+
+@dataclass
+class _Prepared:
+    """A request after checking: the loaded source, binary mask, chosen seed and working size."""
+
+    source: Image.Image
+    query: str
+    ref: str
+    mask: Image.Image | None
+    seed: int
+    working_size: tuple[int, int]
+
+
 def _check_prompt(prompt: str, flag: str) -> str:
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError(f"{flag} must not be empty")
@@ -179,9 +202,7 @@ class Editor:
 
     # ------------------------------------------------------------------ VAE
 
-    def _run_vae(
-        self, function: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor
-    ) -> torch.Tensor:
+    def _run_vae(self, function: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
         """Run a VAE function; if half precision overflows (SD 2.x/SDXL VAEs), rerun it in fp32."""
         vae = self.components.vae
         with torch.no_grad():
@@ -225,71 +246,119 @@ class Editor:
         (needed by the DDS methods), ``query`` the wanted result; ``mask`` (white = editable)
         is needed by ``masked-dds``. ``on_progress(step, steps)`` is called after each step.
         """
+        request = EditRequest(image=image, query=query, ref=ref, mask=mask)
+        return self.edit_batch([request], method, config=config, on_progress=on_progress)[0]
+
+    def edit_batch(
+        self,
+        requests: list[EditRequest],
+        method: str,
+        config: EditConfig | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> list[EditResult]:
+        """Edit K images at once, sharing each step's UNet call (a batch of 4K for DDS).
+
+        The images must have the same working size. Each image draws its timesteps and
+        noise from its own generator (its request's seed, else ``config.seed``), so an image
+        edited in a batch gets the same result as when edited alone, up to float rounding.
+        """
         if method not in METHODS:
             raise InputError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+        if not requests:
+            return []
         config = config or self.config()
         config.validate(self.components.num_train_timesteps)
-        query = _check_prompt(query, "--query")
-        if method != "sds":
-            ref = _check_prompt(ref or "", "--ref")
-        source = image if isinstance(image, Image.Image) else imageio.load_image(image)
-        source = source.convert("RGB")
-        binary_mask = None
-        if method == "masked-dds":
-            if mask is None:
-                raise InputError("masked-dds needs a --mask (white = editable)")
-            mask_image = imageio.load_image(mask, what="mask", background=imageio.BLACK) if not isinstance(
-                mask, Image.Image) else mask  # fmt: skip
-            binary_mask = imageio.binarize_mask(mask_image, source.size)
+        prepared = [self._prepare(request, method, config) for request in requests]
+        working = prepared[0].working_size
+        if any(item.working_size != working for item in prepared):
+            sizes = sorted({f"{w}x{h}" for w, h in (item.working_size for item in prepared)})
+            raise InputError(f"images in one batch need the same working size, got {', '.join(sizes)}")
 
-        stride = self.components.vae_scale_factor
-        working = imageio.working_size(source.width, source.height, config.size, stride)
-        seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
-        embeddings = self.encode_prompts([config.negative, ref or "", query])
-        prompt_embeddings = PromptEmbeddings(
-            unconditional=embeddings[0:1], source=embeddings[1:2], target=embeddings[2:3]
+        embeddings = self.encode_prompts(
+            [config.negative] + [item.ref for item in prepared] + [item.query for item in prepared]
         )
-        source_latents = self.encode_image(imageio.image_to_tensor(source, working))
+        count = len(prepared)
+        prompt_embeddings = PromptEmbeddings(
+            unconditional=embeddings[0:1].expand(count, -1, -1),
+            source=embeddings[1 : 1 + count],
+            target=embeddings[1 + count :],
+        )
+        pixels = torch.cat([imageio.image_to_tensor(item.source, working) for item in prepared])
+        source_latents = self.encode_image(pixels)
         latent_mask = None
-        if binary_mask is not None:
+        if method == "masked-dds":
             latent_size = (source_latents.shape[-1], source_latents.shape[-2])
-            latent_mask = imageio.mask_to_latent(binary_mask, latent_size).to(self.device)
+            latent_mask = torch.cat([imageio.mask_to_latent(item.mask, latent_size) for item in prepared])
+            latent_mask = latent_mask.to(self.device)
 
-        frames: list[tuple[int, Image.Image]] = []
+        frames: list[list[tuple[int, Image.Image]]] = [[] for _ in prepared]
+        if config.save_every:
+            for item, item_frames in zip(prepared, frames, strict=True):
+                item_frames.append((0, item.source.resize(working, Image.Resampling.LANCZOS)))
 
         def on_step(step: int, latents: torch.Tensor) -> None:
             if config.save_every and (step % config.save_every == 0 or step == config.steps):
-                frames.append((step, imageio.tensor_to_image(self.decode_latents(latents))))
+                decoded = self.decode_latents(latents)
+                for index, item_frames in enumerate(frames):
+                    item_frames.append((step, imageio.tensor_to_image(decoded[index])))
             if on_progress is not None:
                 on_progress(step, config.steps)
 
-        if config.save_every:
-            frames.append((0, source.resize(working, Image.Resampling.LANCZOS)))
-        generator = torch.Generator(device=self.device).manual_seed(seed)
+        generators = [torch.Generator(device=self.device).manual_seed(item.seed) for item in prepared]
         settings = LoopSettings(method, config.steps, config.guidance, config.lr, config.t_min, config.t_max)
         latents = distill(
             self.components.unet, source_latents, prompt_embeddings, self.components.alphas_cumprod,
-            self.components.prediction_type, settings, generator, mask=latent_mask, on_step=on_step,
+            self.components.prediction_type, settings, generators, mask=latent_mask, on_step=on_step,
         )  # fmt: skip
-        edited = imageio.tensor_to_image(self.decode_latents(latents))
-        if not config.keep_working_size and edited.size != source.size:
-            edited = edited.resize(source.size, Image.Resampling.LANCZOS)
-        if binary_mask is not None and config.paste_back:
-            edited = imageio.paste_back(edited, source, binary_mask, config.feather)
+        decoded = self.decode_latents(latents)
+        return [
+            self._finish(item, imageio.tensor_to_image(decoded[index]), method, config, frames[index])
+            for index, item in enumerate(prepared)
+        ]
 
+    def _prepare(self, request: EditRequest, method: str, config: EditConfig) -> _Prepared:
+        """Check one request and load its image and mask."""
+        query = _check_prompt(request.query, "--query")
+        ref = _check_prompt(request.ref or "", "--ref") if method != "sds" else ""
+        image = request.image
+        source = (image if isinstance(image, Image.Image) else imageio.load_image(image)).convert("RGB")
+        binary_mask = None
+        if method == "masked-dds":
+            if request.mask is None:
+                raise InputError("masked-dds needs a --mask (white = editable)")
+            mask = request.mask
+            if not isinstance(mask, Image.Image):
+                mask = imageio.load_image(mask, what="mask", background=imageio.BLACK)
+            binary_mask = imageio.binarize_mask(mask, source.size)
+        seed = request.seed if request.seed is not None else config.seed
+        if seed is None:
+            seed = random.SystemRandom().randrange(2**31)
+        stride = self.components.vae_scale_factor
+        working = imageio.working_size(source.width, source.height, config.size, stride)
+        return _Prepared(source, query, ref, binary_mask, seed, working)
+
+    def _finish(
+        self, item: _Prepared, edited: Image.Image, method: str, config: EditConfig,
+        frames: list[tuple[int, Image.Image]],
+    ) -> EditResult:  # fmt: skip
+        """Resize back, paste the source outside the mask, and record the parameters."""
+        if not config.keep_working_size and edited.size != item.source.size:
+            edited = edited.resize(item.source.size, Image.Resampling.LANCZOS)
+        if item.mask is not None and config.paste_back:
+            edited = imageio.paste_back(edited, item.source, item.mask, config.feather)
         parameters = {
             "method": method,
-            "ref": ref if method != "sds" else "",
-            "query": query,
+            "ref": item.ref,
+            "query": item.query,
             "negative": config.negative,
-            "seed": seed,
+            "seed": item.seed,
             "steps": config.steps,
             "guidance": config.guidance,
             "lr": config.lr,
             "t_min": config.t_min,
             "t_max": config.t_max,
             "size": config.size,
-            "working_size": f"{working[0]}x{working[1]}",
+            "working_size": f"{item.working_size[0]}x{item.working_size[1]}",
             "model": self.components.source,
             "dtype": str(self.dtype).removeprefix("torch."),
             "ddsedit_version": __version__,
@@ -307,13 +376,9 @@ class Editor:
         """DDS edit: change what ``ref`` says into what ``query`` says, keeping the rest."""
         return self.edit(image, "dds", query=query, ref=ref, config=self.config(**settings)).image
 
-    def masked_dds(
-        self, image: ImageLike, mask: ImageLike, ref: str, query: str, **settings: Any
-    ) -> Image.Image:
+    def masked_dds(self, image: ImageLike, mask: ImageLike, ref: str, query: str, **settings: Any) -> Image.Image:
         """DDS confined to ``mask`` (white = editable); outside it the source is kept."""
-        return self.edit(
-            image, "masked-dds", query=query, ref=ref, mask=mask, config=self.config(**settings)
-        ).image
+        return self.edit(image, "masked-dds", query=query, ref=ref, mask=mask, config=self.config(**settings)).image
 
 
 def save_result(result: EditResult, path: str | Path, overwrite: bool = False) -> Path:

@@ -51,9 +51,9 @@ def predict_epsilon(
 ) -> torch.Tensor:
     """One UNet call on a batch, returned as fp32 noise predictions."""
     unet_dtype = next(unet.parameters()).dtype
-    prediction = unet(
-        noisy_latents.to(unet_dtype), timesteps, encoder_hidden_states=embeddings, return_dict=False
-    )[0].float()
+    prediction = unet(noisy_latents.to(unet_dtype), timesteps, encoder_hidden_states=embeddings, return_dict=False)[
+        0
+    ].float()
     return scores.epsilon_from_prediction(prediction, noisy_latents, alpha_bar, prediction_type)
 
 
@@ -107,11 +107,14 @@ def distill(
     alphas_cumprod: torch.Tensor,
     prediction_type: str,
     settings: LoopSettings,
-    generator: torch.Generator,
+    generators: list[torch.Generator],
     mask: torch.Tensor | None = None,
     on_step: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Optimise latents starting from ``source_latents`` and return them (fp32).
+    """Optimise latents [K, C, h, w] starting from ``source_latents`` and return them (fp32).
+
+    ``generators`` holds one seeded generator per image: each image draws its own timestep
+    and noise, so an image gets the same draws whether it is edited alone or in a batch.
 
     ``mask`` ([K or 1, 1, h, w] in [0, 1]) scales the gradient, so that masked DDS only
     moves the latents where the mask is white. ``on_step(step, latents)`` is called after
@@ -122,14 +125,21 @@ def distill(
     source_latents = source_latents.float()
     latents = source_latents.clone()
     gradient_method = "sds" if settings.method == "sds" else "dds"
-    image_count = source_latents.shape[0]
+    if len(generators) != source_latents.shape[0]:
+        raise ValueError(f"need one generator per image: {len(generators)} for {source_latents.shape[0]} images")
+    image_shape = (1, *source_latents.shape[1:])
     with torch.no_grad():
         for step in range(1, settings.steps + 1):
-            # Drawn on the device from a seeded generator: reproducible and no host sync.
-            timesteps = torch.randint(
-                settings.t_min, settings.t_max, (image_count,), generator=generator, device=device
-            )
-            noise = torch.randn(source_latents.shape, generator=generator, device=device, dtype=torch.float32)
+            # Drawn on the device from seeded generators: reproducible and no host sync.
+            draws = [
+                (
+                    torch.randint(settings.t_min, settings.t_max, (1,), generator=generator, device=device),
+                    torch.randn(image_shape, generator=generator, device=device, dtype=torch.float32),
+                )
+                for generator in generators
+            ]
+            timesteps = torch.cat([t for t, _ in draws])
+            noise = torch.cat([n for _, n in draws])
             gradient = distillation_gradient(
                 unet, latents, source_latents, embeddings, timesteps, noise,
                 alphas_cumprod, prediction_type, gradient_method, settings.guidance,
