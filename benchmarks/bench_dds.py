@@ -1,0 +1,366 @@
+"""Time ddsedit's DDS loop against two reference loops, side by side, in one process.
+
+    python -m benchmarks.bench_dds --arch sd15 --size 512          # on a GPU
+    python -m benchmarks.bench_dds --arch tiny --size 64 --device cpu
+
+The three loops share the UNet configuration, the source latents, the prompts and the
+sequence of timesteps and noise:
+- ``reference-2call``: two UNet calls of batch 2 per step (source, target), fp32 weights,
+  the SGD step through autograd (as in the public re-implementations);
+- ``reference-batch4``: one call of batch 4 under fp16/bf16 autocast over fp32 weights,
+  autograd SGD (as in the DDS paper's code);
+- ``ddsedit``: the product's engine (:func:`ddsedit.optimize.distill`) with the UNet in the
+  chosen dtype, as the CLI runs it.
+Timing does not depend on the weights, so SD architectures use random weights built from
+the packaged configs. The loops are also checked to give the same edit: the first step's
+gradient direction (cosine) and the final latents' relative error against reference-2call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ddsedit import scores
+from ddsedit.optimize import LoopSettings, PromptEmbeddings, distill
+
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "ddsedit" / "model_configs"
+ARCHITECTURES = {"sd15": "sd15", "sd21": "sd2-v", "sd21-base": "sd2"}
+LOOPS = ("reference-2call", "reference-batch4", "ddsedit")
+
+
+@dataclass
+class LoopResult:
+    """One loop's figures."""
+
+    name: str
+    ms_per_step: float  # median over timed steps, device-synchronised
+    ms_per_step_mean: float
+    seconds_per_edit: float  # edit_steps * ms_per_step + VAE encode and decode
+    vae_seconds: float
+    peak_memory_mib: float
+    first_gradient_cosine: float = 1.0  # against reference-2call
+    final_latent_relative_error: float = 0.0  # against reference-2call
+
+
+@dataclass
+class BenchReport:
+    arch: str
+    device: str
+    device_name: str
+    dtype: str
+    size: int
+    batch_size: int
+    timed_steps: int
+    edit_steps: int
+    compile_seconds: float | None
+    loops: list[LoopResult] = field(default_factory=list)
+    ratios: dict[str, float] = field(default_factory=dict)
+    images_per_second: dict[str, float] = field(default_factory=dict)
+
+
+def build_models(arch: str, size: int, device: torch.device):
+    """(unet fp32, vae fp32, text dim, alphas_cumprod, prediction_type, latent stride) for ``arch``."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    if arch in ARCHITECTURES:
+        folder = CONFIGS / ARCHITECTURES[arch]
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+        scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(folder / "scheduler"))
+    else:
+        from ddsedit.loading import bundled_models
+        from ddsedit.tiny import build_tiny_pipeline
+
+        if arch == "tiny":
+            folder = build_tiny_pipeline(Path(tempfile.mkdtemp(prefix="ddsedit-bench-")) / "tiny")
+        elif arch in bundled_models():
+            folder = bundled_models()[arch]
+        else:
+            raise SystemExit(f"unknown --arch {arch!r}: sd15, sd21, sd21-base, tiny or a bundled model")
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
+        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    for module in (unet, vae):
+        module.requires_grad_(False).eval().to(device)
+    stride = 2 ** (len(vae.config.block_out_channels) - 1)
+    return (
+        unet,
+        vae,
+        unet.config.cross_attention_dim,
+        scheduler.alphas_cumprod.float(),
+        (scheduler.config.get("prediction_type", "epsilon")),
+        stride,
+    )
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif Path("/proc/self/clear_refs").exists():
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak RSS
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def draw_sequence(steps: int, count: int, shape: tuple[int, ...], seed: int, settings: LoopSettings, device):
+    """The timesteps and noise that distill() draws for ``count`` images seeded seed, seed+1, ..."""
+    generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(count)]
+    sequence = []
+    for _ in range(steps):
+        draws = [
+            (
+                torch.randint(settings.t_min, settings.t_max, (1,), generator=g, device=device),
+                torch.randn((1, *shape), generator=g, device=device, dtype=torch.float32),
+            )
+            for g in generators
+        ]
+        sequence.append((torch.cat([t for t, _ in draws]), torch.cat([n for _, n in draws])))
+    return sequence
+
+
+def reference_loop(unet, source, embeddings, alphas, prediction_type, settings, sequence, batch4, autocast_dtype):
+    """A reference DDS loop: autograd SGD; two calls of batch 2 or one call of batch 4 under autocast."""
+    latents = source.clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([latents], lr=settings.lr)
+    uncond, src, tgt = embeddings.unconditional, embeddings.source, embeddings.target
+    step_times, first_gradient = [], None
+    device = source.device
+    for timesteps, noise in sequence:
+        start = time.perf_counter()
+        alpha_bar = alphas[timesteps]
+        with torch.no_grad():
+            noisy_source = scores.add_noise(source, noise, alpha_bar)
+            noisy_target = scores.add_noise(latents.detach(), noise, alpha_bar)
+            if batch4:
+                with torch.autocast(device.type, dtype=autocast_dtype):
+                    batch = torch.cat([noisy_source, noisy_source, noisy_target, noisy_target])
+                    out = unet(batch, timesteps.repeat(4), torch.cat([uncond, src, uncond, tgt])).sample.float()
+                eps = scores.epsilon_from_prediction(out, batch, alpha_bar.repeat(4), prediction_type).chunk(4)
+                eps_source = scores.classifier_free_guidance(eps[0], eps[1], settings.guidance)
+                eps_target = scores.classifier_free_guidance(eps[2], eps[3], settings.guidance)
+            else:
+                guided = []
+                for noisy, cond in ((noisy_source, src), (noisy_target, tgt)):
+                    pair = torch.cat([noisy, noisy])
+                    out = unet(pair, timesteps.repeat(2), torch.cat([uncond, cond])).sample
+                    eps = scores.epsilon_from_prediction(out, pair, alpha_bar.repeat(2), prediction_type).chunk(2)
+                    guided.append(scores.classifier_free_guidance(eps[0], eps[1], settings.guidance))
+                eps_source, eps_target = guided
+            gradient = torch.nan_to_num(eps_target - eps_source)
+        if first_gradient is None:
+            first_gradient = gradient.clone()
+        loss = scores.LOSS_SCALE * (latents * gradient).sum() / scores.REFERENCE_LATENT_PIXELS
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        synchronize(device)
+        step_times.append(time.perf_counter() - start)
+    return latents.detach(), step_times, first_gradient
+
+
+def engine_loop(unet, source, embeddings, alphas, prediction_type, settings, steps, seed):
+    """ddsedit's own loop, timed per step through its callback."""
+    device = source.device
+    generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(source.shape[0])]
+    step_times: list[float] = []
+    last = [time.perf_counter()]
+
+    def on_step(step: int, latents: torch.Tensor) -> None:
+        synchronize(device)
+        now = time.perf_counter()
+        step_times.append(now - last[0])
+        last[0] = now
+
+    synchronize(device)
+    last[0] = time.perf_counter()
+    one_step = LoopSettings(settings.method, 1, settings.guidance, settings.lr, settings.t_min, settings.t_max)
+    first_gradient = None
+    # The first step on its own, to read the gradient the engine applies.
+    first = distill(unet, source, embeddings, alphas, prediction_type, one_step,
+                    [torch.Generator(device=device).manual_seed(seed + i) for i in range(source.shape[0])])  # fmt: skip
+    first_gradient = (source - first) / (settings.lr * scores.GRADIENT_SCALE)
+    synchronize(device)
+    last[0] = time.perf_counter()
+    latents = distill(
+        unet, source, embeddings, alphas, prediction_type,
+        LoopSettings(settings.method, steps, settings.guidance, settings.lr, settings.t_min, settings.t_max),
+        generators, on_step=on_step,
+    )  # fmt: skip
+    return latents, step_times, first_gradient
+
+
+def time_vae(vae, pixels, dtype, device) -> float:
+    """Seconds for one encode and one decode at ``dtype``."""
+    vae_copy = copy.deepcopy(vae).to(dtype)
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        latents = vae_copy.encode(pixels.to(dtype)).latent_dist.mean
+        vae_copy.decode(latents)
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    del vae_copy
+    return elapsed
+
+
+def run(args: argparse.Namespace) -> BenchReport:
+    from ddsedit.loading import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    torch.manual_seed(0)
+    unet, vae, text_dim, alphas, prediction_type, stride = build_models(args.arch, args.size, device)
+    alphas = alphas.to(device)
+    latent_side = args.size // stride
+    shape = (unet.config.in_channels, latent_side, latent_side)
+    count = args.batch_size
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    source = torch.randn((count, *shape), generator=generator).to(device)
+    pixels = torch.rand((1, 3, args.size, args.size), generator=generator).to(device) * 2 - 1
+    text = torch.randn((3, 77, text_dim), generator=generator).to(device) * 0.5
+    embeddings32 = PromptEmbeddings(*(text[i : i + 1].expand(count, -1, -1) for i in range(3)))
+    settings = LoopSettings("dds", args.steps, 7.5, args.lr, 50, 950)
+    sequence = draw_sequence(args.warmup + args.steps, count, shape, args.seed, settings, device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report = BenchReport(
+        args.arch, str(device), device_name, str(dtype).removeprefix("torch."), args.size, count,
+        args.steps, args.edit_steps, None,
+    )  # fmt: skip
+    results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    half = dtype if dtype != torch.float32 else (torch.bfloat16 if device.type == "cpu" else torch.float16)
+    for name in args.loops:
+        reset_peak_memory(device)
+        if name == "ddsedit":
+            engine_unet = copy.deepcopy(unet).to(dtype)
+            if device.type == "cuda":
+                engine_unet = engine_unet.to(memory_format=torch.channels_last)
+            if args.compile:
+                start = time.perf_counter()
+                engine_unet = torch.compile(engine_unet)
+                engine_loop(engine_unet, source, embeddings_as(embeddings32, dtype), alphas, prediction_type,
+                            settings, 2, args.seed)  # fmt: skip
+                report.compile_seconds = time.perf_counter() - start
+            embeddings = embeddings_as(embeddings32, dtype)
+            engine_loop(engine_unet, source, embeddings, alphas, prediction_type, settings, args.warmup, args.seed)
+            reset_peak_memory(device)
+            latents, step_times, first_gradient = engine_loop(
+                engine_unet, source, embeddings, alphas, prediction_type, settings,
+                args.warmup + args.steps, args.seed,
+            )  # fmt: skip
+            step_times = step_times[args.warmup :]
+            vae_seconds = time_vae(vae, pixels, dtype, device)
+            del engine_unet
+        else:
+            batch4 = name == "reference-batch4"
+            latents, step_times, first_gradient = reference_loop(
+                unet, source, embeddings32, alphas, prediction_type, settings, sequence, batch4, half
+            )
+            step_times = step_times[args.warmup :]
+            vae_seconds = time_vae(vae, pixels, torch.float32, device)
+        median_ms = statistics.median(step_times) * 1000
+        result = LoopResult(
+            name=name,
+            ms_per_step=median_ms,
+            ms_per_step_mean=statistics.fmean(step_times) * 1000,
+            seconds_per_edit=args.edit_steps * median_ms / 1000 + vae_seconds,
+            vae_seconds=vae_seconds,
+            peak_memory_mib=peak_memory_mib(device),
+        )
+        results[name] = (latents.float(), first_gradient.float())
+        report.loops.append(result)
+    baseline = "reference-2call" if "reference-2call" in results else report.loops[0].name
+    base_latents, base_gradient = results[baseline]
+    for result in report.loops:
+        latents, gradient = results[result.name]
+        result.first_gradient_cosine = float(
+            torch.nn.functional.cosine_similarity(gradient.flatten(), base_gradient.flatten(), dim=0)
+        )
+        moved = (base_latents - source).norm()
+        result.final_latent_relative_error = float((latents - base_latents).norm() / moved.clamp_min(1e-12))
+    by_name = {result.name: result for result in report.loops}
+    if "ddsedit" in by_name:
+        for reference in ("reference-2call", "reference-batch4"):
+            if reference in by_name:
+                speedup = by_name[reference].ms_per_step / by_name["ddsedit"].ms_per_step
+                report.ratios[f"speedup_vs_{reference}"] = speedup
+    for result in report.loops:
+        report.images_per_second[result.name] = count / (result.ms_per_step / 1000 * args.edit_steps)
+    return report
+
+
+def embeddings_as(embeddings: PromptEmbeddings, dtype: torch.dtype) -> PromptEmbeddings:
+    return PromptEmbeddings(
+        *(part.to(dtype) for part in (embeddings.unconditional, embeddings.source, embeddings.target))
+    )
+
+
+def format_table(report: BenchReport) -> str:
+    lines = [
+        f"{report.arch} {report.size}x{report.size}, batch {report.batch_size}, {report.device_name}, "
+        f"dtype {report.dtype}, {report.timed_steps} timed steps",
+        "| loop | ms/step | s/edit (200 steps + VAE) | peak memory MiB | gradient cosine | final latent rel. error |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report.loops:
+        lines.append(
+            f"| {r.name} | {r.ms_per_step:.1f} | {r.seconds_per_edit:.2f} | {r.peak_memory_mib:.0f} "
+            f"| {r.first_gradient_cosine:.4f} | {r.final_latent_relative_error:.4f} |"
+        )
+    for key, value in report.ratios.items():
+        lines.append(f"{key}: {value:.2f}x")
+    if report.compile_seconds is not None:
+        lines.append(f"torch.compile time: {report.compile_seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="tiny", help="sd15, sd21, sd21-base, tiny or a bundled model name")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", help="the engine's dtype (references: fp32 / autocast)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per loop")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--edit-steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the engine's UNet")
+    parser.add_argument("--loops", nargs="+", default=list(LOOPS), choices=LOOPS)
+    parser.add_argument("--json", type=Path, default=None, help="write the report here")
+    args = parser.parse_args(argv)
+    from ddsedit.loading import quiet_third_party_output
+
+    quiet_third_party_output()
+    report = run(args)
+    print(format_table(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(asdict(report), indent=2))
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,27 @@
+"""The benchmark runs end to end on the tiny model and its three loops agree (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import bench_dds
+
+
+def test_benchmark_runs_and_loops_agree(tmp_path, capsys) -> None:
+    report_path = tmp_path / "bench.json"
+    bench_dds.main(
+        ["--arch", "tiny", "--size", "16", "--device", "cpu", "--dtype", "fp32", "--steps", "3", "--warmup", "1",
+         "--json", str(report_path)]
+    )  # fmt: skip
+    table = capsys.readouterr().out
+    assert "reference-2call" in table and "reference-batch4" in table and "ddsedit" in table
+    report = json.loads(report_path.read_text())
+    loops = {loop["name"]: loop for loop in report["loops"]}
+    assert set(loops) == {"reference-2call", "reference-batch4", "ddsedit"}
+    # Same t and noise, same fp32 math: the engine's edit equals the two-call reference.
+    assert loops["ddsedit"]["first_gradient_cosine"] > 0.9999
+    assert loops["ddsedit"]["final_latent_relative_error"] < 1e-3
+    # The autocast reference differs only by half-precision rounding.
+    assert loops["reference-batch4"]["first_gradient_cosine"] > 0.8
+    assert all(loop["ms_per_step"] > 0 for loop in loops.values())
+    assert "speedup_vs_reference-2call" in report["ratios"]
