@@ -184,3 +184,12 @@ def test_batch_gives_each_image_what_a_single_run_gives(tiny_editor: Editor) -> 
         tiny_editor.edit_batch(
             [requests[0], EditRequest(Image.new("RGB", (24, 12)), query="a", ref="b")], "dds", config=config
         )
+
+
+def test_cpu_offload_gives_the_same_edit(tiny_model_dir, circle_image) -> None:
+    """Offloaded weights (accelerate hooks) must not change the result."""
+    plain = Editor.from_pretrained(tiny_model_dir, device="cpu")
+    offloaded = Editor.from_pretrained(tiny_model_dir, device="cpu", cpu_offload=True)
+    first = plain.dds(circle_image, ref="a red circle", query="a blue circle", steps=3, seed=2)
+    second = offloaded.dds(circle_image, ref="a red circle", query="a blue circle", steps=3, seed=2)
+    assert np.array_equal(_pixels(first), _pixels(second))

@@ -158,16 +158,24 @@ class Editor:
         allow_pickle: bool = False,
         prediction_type: str | None = None,
         keep_text_encoder: bool = True,
+        cpu_offload: bool = False,
+        compile_unet: bool = False,
     ) -> Editor:
         """Load ``model`` (bundled name, diffusers folder, .safetensors file or hub id).
 
         ``device``: auto|cpu|cuda|cuda:N|mps; ``dtype``: auto|fp16|bf16|fp32 (auto: fp16 on
         an accelerator, fp32 on CPU). With ``keep_text_encoder=False`` the text encoder is
         freed after the first prompts are encoded, saving memory for a one-shot edit.
+        ``cpu_offload`` keeps the weights in CPU memory and moves each module to the device
+        only while it runs (accelerate), for small GPUs; ``compile_unet`` wraps the UNet in
+        ``torch.compile`` (the first steps then pay the compile time).
         """
         components, torch_device, torch_dtype = load_model(
-            model, device=device, dtype=dtype, allow_pickle=allow_pickle, prediction_type=prediction_type
-        )
+            model, device=device, dtype=dtype, allow_pickle=allow_pickle, prediction_type=prediction_type,
+            cpu_offload=cpu_offload,
+        )  # fmt: skip
+        if compile_unet:
+            components.unet = torch.compile(components.unet)
         return cls(components, torch_device, torch_dtype, keep_text_encoder=keep_text_encoder)
 
     # ------------------------------------------------------------------ settings

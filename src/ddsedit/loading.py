@@ -144,9 +144,7 @@ def locate_model(model: str | os.PathLike | None, allow_pickle: bool = False) ->
     path = Path(name).expanduser()
     if path.is_dir():
         if not _is_diffusers_folder(path):
-            raise ModelError(
-                f"{path} is not a diffusers model folder (no model_index.json or unet/config.json inside)"
-            )
+            raise ModelError(f"{path} is not a diffusers model folder (no model_index.json or unet/config.json inside)")
         return "folder", path
     if path.is_file():
         if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
@@ -160,9 +158,7 @@ def locate_model(model: str | os.PathLike | None, allow_pickle: bool = False) ->
     if _looks_like_hub_id(name) and not path.suffix:
         return "folder", _hub_snapshot(name)
     known = ", ".join(bundled) or "none installed"
-    raise ModelError(
-        f"unknown model {name!r}: not a file, a folder, a bundled model ({known}) or a hub id (org/name)"
-    )
+    raise ModelError(f"unknown model {name!r}: not a file, a folder, a bundled model ({known}) or a hub id (org/name)")
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -180,9 +176,7 @@ def _hub_snapshot(repo_id: str) -> Path:
         "(the cache is shared through HF_HOME), or pass --model with a local folder or .safetensors file"
     )
     if offline:
-        raise ModelError(
-            f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: {how}"
-        )
+        raise ModelError(f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: {how}")
     print(f"ddsedit: downloading {repo_id} from the Hugging Face Hub (first use only)", file=sys.stderr)
     try:
         return Path(snapshot_download(repo_id, allow_patterns=list(COMPONENT_FILES)))
@@ -212,9 +206,7 @@ def _load_folder(folder: Path, torch_dtype) -> dict[str, Any]:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     missing = [
-        name
-        for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-        if not (folder / name).is_dir()
+        name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / name).is_dir()
     ]
     if missing:
         raise ModelError(f"{folder} is not a complete Stable Diffusion model: missing {', '.join(missing)}/")
@@ -222,9 +214,7 @@ def _load_folder(folder: Path, torch_dtype) -> dict[str, Any]:
         return {
             "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch_dtype),
             "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch_dtype),
-            "text_encoder": CLIPTextModel.from_pretrained(
-                folder, subfolder="text_encoder", torch_dtype=torch_dtype
-            ),
+            "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=torch_dtype),
             "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
             "scheduler": DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
         }
@@ -239,11 +229,15 @@ def load_model(
     dtype: str = "auto",
     allow_pickle: bool = False,
     prediction_type: str | None = None,
+    cpu_offload: bool = False,
 ) -> tuple[ModelComponents, Any, Any]:
     """Load a model's components on ``device`` in ``dtype``.
 
     Returns ``(components, torch_device, torch_dtype)``. The UNet, VAE and text encoder
     are put in eval mode with gradients off: the loop never differentiates through them.
+    On CUDA the UNet uses the channels-last memory format, which its convolutions run
+    faster in. With ``cpu_offload`` the weights stay in CPU memory and accelerate moves
+    each module to the device only for its forward pass.
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -254,19 +248,26 @@ def load_model(
     else:
         from ddsedit.checkpoints import load_single_file
 
-        parts = load_single_file(
-            path, torch_dtype, allow_pickle=allow_pickle, prediction_type=prediction_type
-        )
+        parts = load_single_file(path, torch_dtype, allow_pickle=allow_pickle, prediction_type=prediction_type)
         defaults = {}
     scheduler_config = parts["scheduler"].config
     chosen_prediction_type = prediction_type or scheduler_config.get("prediction_type", "epsilon")
     if chosen_prediction_type not in ("epsilon", "v_prediction"):
         raise ModelError(f"unsupported prediction type {chosen_prediction_type!r} in the model's scheduler")
+    import torch
+
     for module_name in ("unet", "vae", "text_encoder"):
         module = parts[module_name]
         module.requires_grad_(False)
         module.eval()
-        module.to(torch_device)
+        if cpu_offload:
+            from accelerate import cpu_offload as offload_to_cpu
+
+            offload_to_cpu(module, execution_device=torch_device)
+        else:
+            module.to(torch_device)
+    if torch_device.type == "cuda" and not cpu_offload:
+        parts["unet"].to(memory_format=torch.channels_last)
     components = ModelComponents(
         unet=parts["unet"],
         vae=parts["vae"],
