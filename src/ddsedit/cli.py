@@ -344,6 +344,48 @@ def models_command() -> None:
     stderr.print(f"default model: {default_model()} (set ${MODEL_ENVIRONMENT_VARIABLE} to change it)")
 
 
+@app.command("eval-shapes")
+def eval_shapes_command(
+    model: Annotated[str, typer.Option("--model", help="Model to evaluate (a shapes-world model).")] = "shapes",
+    cases: Annotated[int, typer.Option("--cases", help="Recolour cases (half white, half black).")] = 40,
+    swaps: Annotated[int, typer.Option("--swaps", help="Background swaps and shape swaps, each.")] = 8,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the cases and of the edits.")] = 0,
+    steps: Annotated[int | None, typer.Option("--steps", help="Override the model's.", show_default=False)] = None,
+    guidance: Annotated[float | None, typer.Option("--guidance", show_default=False)] = None,
+    lr: Annotated[float | None, typer.Option("--lr", show_default=False)] = None,
+    t_min: Annotated[int | None, typer.Option("--t-min", show_default=False)] = None,
+    t_max: Annotated[int | None, typer.Option("--t-max", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per UNet call.")] = 8,
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Where report.json and grid.png go.")] = Path(
+        "shapes-eval"
+    ),
+    device: Annotated[str, typer.Option("--device")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype")] = "auto",
+) -> None:
+    """Measure SDS, DDS and masked DDS on fresh shapes-world cases; print the quality table."""
+    try:
+        from ddsedit.loading import quiet_third_party_output
+
+        quiet_third_party_output()
+        from ddsedit.editor import Editor
+        from ddsedit.shapes.evaluate import evaluate, format_report, write_report
+
+        if cases < 2 or swaps < 0 or batch_size < 1:
+            raise InputError("--cases must be >= 2, --swaps >= 0 and --batch-size >= 1")
+        editor = Editor.from_pretrained(model, device=device, dtype=dtype)
+        config = editor.config(steps=steps, guidance=guidance, lr=lr, t_min=t_min, t_max=t_max)
+        config.validate(editor.components.num_train_timesteps)
+        with stderr.status(f"editing {cases} cases x 3 methods + {2 * swaps} swaps...", spinner="dots"):
+            report, picture = evaluate(editor, cases, seed, config, swaps=swaps, batch_size=batch_size)
+        json_path, grid_path = write_report(report, picture, out_dir)
+    except typer.Exit:
+        raise
+    except Exception as error:  # noqa: BLE001
+        raise _fail(error, verbose=False) from None
+    typer.echo(format_report(report))
+    stderr.print(f"wrote {json_path} and {grid_path}")
+
+
 @app.command("make-tiny-model", no_args_is_help=True)
 def make_tiny_model_command(
     folder: Annotated[Path, typer.Argument(help="Folder to write the model to.")],
@@ -366,6 +408,124 @@ def make_tiny_model_command(
     except Exception as error:  # noqa: BLE001
         raise _fail(error, verbose=False) from None
     typer.echo(str(folder))
+
+
+@app.command("batch", no_args_is_help=True)
+def batch_command(
+    manifest: Annotated[
+        Path,
+        typer.Argument(
+            help="JSONL or CSV manifest, one edit a row: src, query, and optionally ref, method, mask, seed, "
+            "steps, guidance, lr, out. Paths are relative to the manifest's folder.",
+            show_default=False,
+        ),
+    ],
+    out_dir: Annotated[
+        Path, typer.Option("--out-dir", help="Folder for the outputs and results.jsonl.", show_default=False)
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Bundled name, diffusers folder, .safetensors file or hub id. "
+            "Default: $DDSEDIT_MODEL or stable-diffusion-v1-5/stable-diffusion-v1-5.",
+            show_default=False,
+        ),
+    ] = None,
+    device: Annotated[
+        str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (several processes: each its own).")
+    ] = "auto",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp16, bf16 or fp32.")
+    ] = "auto",
+    steps: Annotated[
+        int | None,
+        typer.Option("--steps", "--iterations", help="Default optimisation steps [200].", show_default=False),
+    ] = None,
+    guidance: Annotated[
+        float | None, typer.Option("--guidance", help="Default guidance scale [7.5].", show_default=False)
+    ] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Default learning rate [0.1].", show_default=False)] = None,
+    t_min: Annotated[
+        int | None, typer.Option("--t-min", help="Lowest timestep drawn [default: 50].", show_default=False)
+    ] = None,
+    t_max: Annotated[
+        int | None,
+        typer.Option("--t-max", help="Timesteps are drawn below this [default: 950].", show_default=False),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            "--seed",
+            help="Seed of rows without one. Default: a seed derived from the row, the same on every run.",
+            show_default=False,
+        ),
+    ] = None,
+    negative: Annotated[
+        str | None, typer.Option("--negative", help="Negative prompt for every row.", show_default=False)
+    ] = None,
+    size: Annotated[
+        int | None,
+        typer.Option(
+            "--size", help="Longest side of the working image [default: 512, or the model's].", show_default=False
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Rows per UNet call (same method, settings and working size).")
+    ] = 1,
+    processes: Annotated[
+        int,
+        typer.Option(
+            "--processes", help="Split the rows over N processes (one per GPU, or CPU processes) via accelerate."
+        ),
+    ] = 1,
+    skip_invalid: Annotated[
+        bool, typer.Option("--skip-invalid", help="Run the valid rows even if some rows are bad.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Redo rows whose output exists, replacing it.")
+    ] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Allow .ckpt/.pt pickle checkpoints (they can run code).")
+    ] = False,
+    prediction_type: Annotated[
+        str | None,
+        typer.Option(
+            "--prediction-type", help="Override the model's: epsilon or v_prediction.", show_default=False
+        ),
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bars or summary; errors only.")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Show library warnings and tracebacks.")
+    ] = False,
+) -> None:
+    """Edit every row of a manifest with one model load; rerun the same command to resume.
+
+    stdout: the output path of every row done or already done. Exit codes: 0 all rows done,
+    1 some row failed (each recorded in OUT_DIR/results.jsonl), 2 bad input (each bad row
+    printed as MANIFEST:LINE: reason; nothing runs unless --skip-invalid), 130 interrupted.
+    """
+    try:
+        from ddsedit.batch import BatchOptions, run_batch  # quiets the libraries once the manifest is checked
+
+        options = BatchOptions(
+            manifest=manifest, out_dir=out_dir, model=model, device=device, dtype=dtype, steps=steps,
+            guidance=guidance, lr=lr, t_min=t_min, t_max=t_max, seed=seed, negative=negative, size=size,
+            batch_size=batch_size, processes=processes, skip_invalid=skip_invalid, overwrite=overwrite,
+            allow_pickle=allow_pickle, prediction_type=prediction_type, quiet=quiet, verbose=verbose,
+        )  # fmt: skip
+        exit_code = run_batch(options, console=stderr, emit=typer.echo)
+    except KeyboardInterrupt:
+        stderr.print("interrupted: finished rows are kept; run the same command again to do the rest")
+        raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except Exception as error:  # noqa: BLE001 - the CLI's contract is one line, never a traceback
+        raise _fail(error, verbose) from None
+    if exit_code:
+        raise typer.Exit(exit_code)
 
 
 def main() -> None:

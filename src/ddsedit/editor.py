@@ -208,6 +208,18 @@ class Editor:
                 torch.cuda.empty_cache()
         return torch.stack([self._embedding_cache[p] for p in prompts]).to(self.dtype)
 
+    def cached_prompt_count(self) -> int:
+        """How many prompts' embeddings are cached."""
+        return len(self._embedding_cache)
+
+    def clear_prompt_cache(self) -> None:
+        """Forget cached prompt embeddings (a long batch would grow the cache without bound).
+
+        Only possible while the text encoder is kept: otherwise the prompts could not be encoded again.
+        """
+        if self.components.text_encoder is not None:
+            self._embedding_cache.clear()
+
     # ------------------------------------------------------------------ VAE
 
     def _run_vae(self, function: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
