@@ -209,3 +209,9 @@ def test_installed_console_script_runs_an_edit(circle_files, tiny_model_dir, tmp
     assert completed.stdout == f"{tmp_path / 'circle.dds.png'}\n"
     assert completed.stderr == ""
     assert (tmp_path / "circle.dds.png").is_file()
+
+
+def test_cpu_offload_flag_runs(circle_files, tiny_model_dir, tmp_path) -> None:
+    result = _edit("dds", circle_files, tiny_model_dir, "-o", str(tmp_path / "o.png"), "-q", "--cpu-offload")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "o.png").is_file()

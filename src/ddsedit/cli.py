@@ -179,6 +179,12 @@ def _edit_template(
             "--prediction-type", help="Override the model's: epsilon or v_prediction.", show_default=False
         ),
     ] = None,
+    cpu_offload: Annotated[
+        bool, typer.Option("--cpu-offload", help="Keep weights in CPU memory, on the GPU only while used.")
+    ] = False,
+    compile_unet: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the UNet: slower start, faster steps on a GPU.")
+    ] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bar or notes; errors only.")
     ] = False,
@@ -210,7 +216,7 @@ def _run_edit(
     t_min: int | None, t_max: int | None, seed: int | None, negative: str | None, size: int | None,
     keep_working_size: bool, paste_back: bool = True, feather: float | None = None, save_every: int | None,
     frames: Path | None, animation: Path | None, overwrite: bool, allow_pickle: bool,
-    prediction_type: str | None, quiet: bool, verbose: bool,
+    prediction_type: str | None, cpu_offload: bool, compile_unet: bool, quiet: bool, verbose: bool,
 ) -> None:  # fmt: skip
     if not query.strip():
         raise InputError("--query must not be empty")
@@ -258,7 +264,8 @@ def _run_edit(
     with stderr.status("loading model...", spinner="dots") if not quiet else _nothing():
         editor = Editor.from_pretrained(
             model, device=device, dtype=dtype, allow_pickle=allow_pickle,
-            prediction_type=prediction_type, keep_text_encoder=False,
+            prediction_type=prediction_type, keep_text_encoder=False, cpu_offload=cpu_offload,
+            compile_unet=compile_unet,
         )  # fmt: skip
     config = editor.config(**overrides)
     with _progress(quiet, method) as on_progress:
