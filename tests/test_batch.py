@@ -19,6 +19,8 @@ from typer.testing import CliRunner
 from ddsedit import batch
 from ddsedit.cli import app
 from ddsedit.imageio import read_metadata
+from ddsedit.manifest import METHODS as MANIFEST_METHODS
+from ddsedit.manifest import load_manifest
 
 runner = CliRunner()
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
@@ -88,7 +90,7 @@ def _last_run(out_dir: Path) -> list[dict]:
 def test_methods_match_the_optimizer() -> None:
     from ddsedit.optimize import METHODS
 
-    assert batch.METHODS == METHODS
+    assert MANIFEST_METHODS == METHODS
 
 
 def test_jsonl_and_csv_manifests_read_the_same_rows(tmp_path: Path, images: Path) -> None:
@@ -110,7 +112,7 @@ def test_jsonl_and_csv_manifests_read_the_same_rows(tmp_path: Path, images: Path
              "method": "masked-dds", "mask": "images/mask.png"},
         ],
     )  # fmt: skip
-    from_csv, from_jsonl = batch.load_manifest(csv_path), batch.load_manifest(jsonl_path)
+    from_csv, from_jsonl = load_manifest(csv_path), load_manifest(jsonl_path)
     assert from_csv.errors == [] and from_jsonl.errors == []
     assert [row.line for row in from_csv.rows] == [2, 4, 6]  # where each row starts
     assert [row.line for row in from_jsonl.rows] == [1, 2, 3]
@@ -125,7 +127,7 @@ def test_jsonl_and_csv_manifests_read_the_same_rows(tmp_path: Path, images: Path
     assert green.out == "green-out.png" and green.query == "a blue\ncircle"
     assert blue.src == images / "blue.png" and blue.mask == tmp_path / "images/mask.png"
     assert blue.out == "blue.masked-dds.png"
-    assert red.derived_seed() == batch.load_manifest(csv_path).rows[0].derived_seed()  # stable across reads
+    assert red.derived_seed() == load_manifest(csv_path).rows[0].derived_seed()  # stable across reads
     assert red.derived_seed() != blue.derived_seed()
 
 
@@ -177,7 +179,7 @@ def test_jsonl_format_errors_carry_line_numbers(tmp_path: Path, images: Path) ->
         '{"src": "images/red.png", "query": "q", "colour": "red"}\n'
         '{"src": "images/red.png", "ref": "r", "query": 5, "seed": true, "out": "a/b.png"}\n'
     )
-    loaded = batch.load_manifest(manifest)
+    loaded = load_manifest(manifest)
     assert [row.line for row in loaded.rows] == [1]
     reasons = {error.line: [] for error in loaded.errors}
     for error in loaded.errors:
@@ -189,12 +191,12 @@ def test_jsonl_format_errors_carry_line_numbers(tmp_path: Path, images: Path) ->
          "out must be a file name, not a path: 'a/b.png'"]
     )  # fmt: skip
     with pytest.raises(batch.InputError, match="must be a .jsonl or .csv"):
-        batch.load_manifest(tmp_path / "manifest.txt")
+        load_manifest(tmp_path / "manifest.txt")
 
 
 def test_csv_header_problems_are_reported_on_line_1(tmp_path: Path) -> None:
     manifest = _write_csv(tmp_path / "m.csv", "source,ref,ref", "a.png,b,c")
-    errors = batch.load_manifest(manifest).errors
+    errors = load_manifest(manifest).errors
     assert len(errors) == 1 and errors[0].line == 1
     assert "unknown column(s) source" in errors[0].reason and "repeated column(s) ref" in errors[0].reason
     assert "missing column(s) src, query" in errors[0].reason
@@ -225,7 +227,7 @@ def test_resume_reruns_only_the_missing_output(tmp_path: Path, images: Path, tin
     metadata = read_metadata(outputs[0])
     assert metadata["method"] == "dds" and metadata["steps"] == "2" and metadata["model"] == str(tiny_model_dir)
     # Without --seed each row gets a seed derived from the row, recorded with its output.
-    assert metadata["seed"] == str(batch.load_manifest(manifest).rows[0].derived_seed())
+    assert metadata["seed"] == str(load_manifest(manifest).rows[0].derived_seed())
     before = {path: path.stat().st_mtime_ns for path in outputs}
 
     outputs[1].unlink()
