@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 first-edit: $(STAMP)
-	test -d out/tiny-random-model || HF_HUB_OFFLINE=1 $(BIN)/ddsedit make-tiny-model out/tiny-random-model
-	HF_HUB_OFFLINE=1 $(BIN)/ddsedit dds --src examples/red-circle-on-white.png --ref "a red circle" --query "a blue circle" \
-		--model out/tiny-random-model --steps 20 --seed 0 -o out/red-circle-on-white.dds.png --overwrite
+	mkdir -p out
+	HF_HUB_OFFLINE=1 $(BIN)/ddsedit dds --src examples/red-circle-on-white.png --model shapes --seed 0 \
+		--ref "a red circle on a white background" --query "a blue circle on a white background" \
+		-o out/red-circle-on-white.dds.png --overwrite
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,0 +1,118 @@
+"""Typed configuration of the shapes model: architecture and training, with the named presets.
+
+`tiny` runs every phase for a few steps in seconds (tests); `default` is the real run, sized for
+about 45 minutes on one CPU thread (`--threads 1`): VAE ~7 min, latent pool ~1.5 min, UNet ~35 min.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class VAEConfig:
+    """AutoencoderKL: 64x64x3 <-> 16x16x4 (two downsamplings for three blocks)."""
+
+    channels: tuple[int, ...] = (16, 32, 64)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_groups: int = 8  # 32 groups decoded red/green as olive/brown in prototypes
+    init_logvar: float = -6.0  # initial posterior log-variance (std 0.05)
+
+
+@dataclass
+class TextConfig:
+    """CLIPTextModel over the world tokenizer."""
+
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 4
+    intermediate: int = 512
+
+
+@dataclass
+class UNetConfig:
+    """UNet2DConditionModel on 16x16x4 latents; cross-attention width = text hidden size."""
+
+    channels: tuple[int, ...] = (64, 96, 128)
+    layers_per_block: int = 1
+    attention_levels: tuple[int, ...] = (1, 2)  # resolution levels (0 = 16x16) with transformer blocks
+    heads: int = 2
+    norm_groups: int = 32
+
+
+@dataclass
+class TrainConfig:
+    """All settings of a training run; stored in checkpoints so that --resume can check them."""
+
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    seed: int = 0
+    # phase (a): autoencoder
+    vae_steps: int = 900
+    vae_batch: int = 8
+    vae_lr: float = 2e-3
+    vae_warmup_steps: int = 30
+    vae_kl_weight: float = 1e-6
+    vae_shape_weight: float = 5.0  # loss weight of shape pixels and a 1 px ring around them
+    vae_dot_weight: float = 10.0  # loss weight of grey-dot pixels
+    scale_images: int = 1024  # images encoded to measure the latents' std (scaling_factor = 1/std)
+    # phase (c): UNet (and text encoder when train_text_encoder)
+    pool_size: int = 16384  # images encoded once; each UNet batch draws fresh posterior samples from them
+    unet_steps: int = 1500
+    unet_batch: int = 32
+    unet_lr: float = 5e-4
+    text_lr: float = 5e-4
+    train_text_encoder: bool = True
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05  # cosine decays the learning rate to this fraction of its peak
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995
+    min_snr_gamma: float = 5.0  # 0 disables min-SNR loss weighting
+    empty_caption_prob: float = 0.1
+    short_caption_prob: float = 0.25
+    # bookkeeping
+    checkpoint_every: int = 250
+    log_every: int = 50
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        subs = {"vae": VAEConfig, "text": TextConfig, "unet": UNetConfig}
+        for key, sub in subs.items():
+            d[key] = sub(**{k: tuple(v) if isinstance(v, list) else v for k, v in d[key].items()})
+        return cls(**d)
+
+
+def tiny() -> TrainConfig:
+    """Every phase for a few steps on a very small model: seconds, for tests."""
+    return TrainConfig(
+        vae=VAEConfig(channels=(8, 8, 8), norm_groups=4),
+        text=TextConfig(hidden=32, layers=1, heads=2, intermediate=64),
+        unet=UNetConfig(channels=(16, 32, 32), attention_levels=(1, 2), heads=2, norm_groups=8),
+        vae_steps=3,
+        vae_batch=4,
+        vae_warmup_steps=1,
+        scale_images=16,
+        pool_size=32,
+        unet_steps=4,
+        unet_batch=4,
+        warmup_steps=2,
+        checkpoint_every=2,
+        log_every=2,
+    )
+
+
+def default() -> TrainConfig:
+    """The real run."""
+    return TrainConfig()
+
+
+CONFIGS = {"tiny": tiny, "default": default}

@@ -1,0 +1,378 @@
+"""Train the shapes text-to-image pipeline from scratch on CPU, in phases, and write a diffusers folder.
+
+    python -m ddsedit.shapes.train --out DIR [--config tiny|default] [--resume] [--seed N]
+
+Phases:
+  (a) vae   -- AutoencoderKL 64x64x3 <-> 16x16x4; L1 + MSE with shape pixels (and a 1 px ring) weighted
+               x5 and grey-dot pixels x10, tiny KL. Then scaling_factor = 1 / std of encoded latents.
+  (b) text  -- the world tokenizer (one token per word) and a randomly initialised CLIPTextModel.
+  (c) unet  -- a pool of VAE-encoded images (DIR/latents.pt), then UNet2DConditionModel: epsilon
+               prediction under SD's DDPM schedule, min-SNR weighting, AdamW with warm-up + cosine,
+               EMA; the text encoder trains jointly unless configured frozen.
+Then the EMA weights are exported in fp16 to DIR/final.
+
+Every batch is drawn from a generator seeded by (seed, phase, step), so a run is reproducible and a
+--resume from DIR/checkpoint.pt continues exactly where the checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ddsedit.shapes.config import CONFIGS, TrainConfig
+from ddsedit.shapes.export import export_pipeline
+from ddsedit.shapes.latents import LatentPool
+from ddsedit.shapes.models import build_scheduler, build_text_encoder, build_unet, build_vae
+from ddsedit.shapes.tokenizer import MAX_LENGTH, build_tokenizer
+from ddsedit.shapes.world import render_batch, sample_case
+
+PHASES = ("vae", "unet", "done")
+CHECKPOINT = "checkpoint.pt"
+LATENTS = "latents.pt"
+
+
+def step_rng(seed: int, phase: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
+    """Independent numpy and torch generators for one step of one phase."""
+    g = np.random.default_rng([seed, phase, step])
+    return g, torch.Generator().manual_seed(int(g.integers(2**62)))
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up to 1, then cosine down to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    """Owns the models, optimizers and progress of one run; `run()` does every remaining phase."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, console: Console | None = None) -> None:
+        self.cfg, self.out = cfg, out
+        self.console = console or Console()
+        torch.manual_seed(cfg.seed)
+        self.tokenizer: CLIPTokenizer = build_tokenizer()
+        self.vae: AutoencoderKL = build_vae(cfg.vae)
+        self.text_encoder: CLIPTextModel = build_text_encoder(cfg.text, self.tokenizer)
+        latent_size = 64 // 2 ** (len(cfg.vae.channels) - 1)
+        self.unet: UNet2DConditionModel = build_unet(cfg.unet, cfg.vae.latent_channels, cfg.text.hidden, latent_size)
+        self.scheduler: DDPMScheduler = build_scheduler()
+        self.unet_ema = copy.deepcopy(self.unet).requires_grad_(False)
+        self.text_ema = copy.deepcopy(self.text_encoder).requires_grad_(False)
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+        groups = [{"params": list(self.unet.parameters()), "lr": cfg.unet_lr}]
+        if cfg.train_text_encoder:
+            groups.append({"params": list(self.text_encoder.parameters()), "lr": cfg.text_lr})
+        self.unet_opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        self.phase, self.step = "vae", 0
+        self.scaling_factor: float | None = None
+        self.seconds: dict[str, float] = {"vae": 0.0, "scale": 0.0, "pool": 0.0, "unet": 0.0, "export": 0.0}
+        self.history: list[dict[str, Any]] = []
+        self._token_cache: dict[str, torch.Tensor] = {}
+
+    # ---------------------------------------------------------------- checkpoints
+    def state(self) -> dict[str, Any]:
+        return {
+            "config": self.cfg.to_dict(),
+            "phase": self.phase,
+            "step": self.step,
+            "scaling_factor": self.scaling_factor,
+            "seconds": self.seconds,
+            "history": self.history,
+            "vae": self.vae.state_dict(),
+            "vae_opt": self.vae_opt.state_dict(),
+            "text_encoder": self.text_encoder.state_dict(),
+            "text_ema": self.text_ema.state_dict(),
+            "unet": self.unet.state_dict(),
+            "unet_ema": self.unet_ema.state_dict(),
+            "unet_opt": self.unet_opt.state_dict(),
+        }
+
+    def save_checkpoint(self) -> None:
+        """Write DIR/checkpoint.pt atomically (write a temporary file, then rename)."""
+        tmp = self.out / (CHECKPOINT + ".tmp")
+        torch.save(self.state(), tmp)
+        tmp.replace(self.out / CHECKPOINT)
+
+    def load_checkpoint(self, path: Path, extend_unet: int = 0) -> None:
+        """Continue from a checkpoint; with ``extend_unet`` a finished run trains its UNet N steps more."""
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if extend_unet:
+            self.cfg = TrainConfig.from_dict(ckpt["config"])
+            if ckpt["phase"] != "done":
+                raise SystemExit(f"{path} is not a finished run: finish it with --resume first")
+        elif ckpt["config"] != self.cfg.to_dict():
+            raise SystemExit(f"{path} was made with another config; resume with the same --config and --seed")
+        self.phase, self.step = ckpt["phase"], ckpt["step"]
+        if extend_unet:
+            self.phase, self.step = "unet", self.cfg.unet_steps
+            self.cfg.unet_steps += extend_unet
+        self.scaling_factor, self.seconds, self.history = ckpt["scaling_factor"], ckpt["seconds"], ckpt["history"]
+        for name in ("vae", "vae_opt", "text_encoder", "text_ema", "unet", "unet_ema", "unet_opt"):
+            getattr(self, name).load_state_dict(ckpt[name])
+
+    def _advance(self, phase: str) -> None:
+        self.phase, self.step = phase, 0
+        self.save_checkpoint()
+
+    # ---------------------------------------------------------------- phase (a): autoencoder
+    def vae_loss(self, images: torch.Tensor, masks: torch.Tensor, dots: torch.Tensor, gen: torch.Generator):
+        """Weighted L1 + MSE reconstruction loss plus a tiny KL; returns (loss, plain L1)."""
+        cfg = self.cfg
+        posterior = self.vae.encode(images).latent_dist
+        recon = self.vae.decode(posterior.sample(generator=gen)).sample
+        near_shape = F.max_pool2d(masks.float(), 3, stride=1, padding=1)  # the shape and a 1 px ring
+        weight = 1 + (cfg.vae_shape_weight - 1) * near_shape + (cfg.vae_dot_weight - 1) * dots.float()
+        diff = recon - images
+        err = diff.abs() + diff.pow(2)
+        rec = (weight * err).sum() / (weight.sum() * images.shape[1])
+        kl = posterior.kl().mean()
+        return rec + cfg.vae_kl_weight * kl, diff.abs().mean()
+
+    def train_vae(self, progress: Progress, budget: int | None) -> int:
+        cfg = self.cfg
+        task = progress.add_task("(a) vae", total=cfg.vae_steps, completed=self.step)
+        self.vae.train()
+        done, t0, losses = 0, time.time(), []
+        while self.step < cfg.vae_steps and (budget is None or done < budget):
+            g, gen = step_rng(cfg.seed, 0, self.step)
+            images, masks, dots = render_batch([sample_case(g) for _ in range(cfg.vae_batch)])
+            lr_mult = warmup_cosine(self.step, cfg.vae_warmup_steps, cfg.vae_steps, cfg.min_lr_ratio)
+            for group in self.vae_opt.param_groups:
+                group["lr"] = cfg.vae_lr * lr_mult
+            loss, l1 = self.vae_loss(images, masks, dots, gen)
+            self.vae_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.vae.parameters(), cfg.grad_clip)
+            self.vae_opt.step()
+            self.step, done = self.step + 1, done + 1
+            losses.append(l1.item())
+            progress.advance(task)
+            t0 = self._tick("vae", t0, losses, loss=loss.item(), progress=progress)
+        return done
+
+    @torch.no_grad()
+    def measure_scaling(self) -> float:
+        """1 / std of VAE latents (posterior samples) of `scale_images` fresh images."""
+        self.vae.eval()
+        g, gen = step_rng(self.cfg.seed, 1, 0)
+        latents = []
+        for start in range(0, self.cfg.scale_images, 64):
+            n = min(64, self.cfg.scale_images - start)
+            images, _, _ = render_batch([sample_case(g) for _ in range(n)])
+            latents.append(self.vae.encode(images).latent_dist.sample(generator=gen))
+        return float(1.0 / torch.cat(latents).std())
+
+    # ---------------------------------------------------------------- phase (c): UNet
+    def tokens(self, captions: list[str]) -> torch.Tensor:
+        """Token ids (n, 77) of captions, padded with the end token as at inference."""
+        missing = [c for c in dict.fromkeys(captions) if c not in self._token_cache]
+        if missing:
+            ids = self.tokenizer(missing, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                                 return_tensors="pt").input_ids
+            self._token_cache.update(zip(missing, ids, strict=True))
+        return torch.stack([self._token_cache[c] for c in captions])
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        """Text encoder hidden states (n, 77, hidden), run once per distinct caption in the batch."""
+        unique = list(dict.fromkeys(captions))
+        index = torch.tensor([unique.index(c) for c in captions])
+        with torch.set_grad_enabled(self.cfg.train_text_encoder and self.text_encoder.training):
+            hidden = self.text_encoder(self.tokens(unique))[0]
+        return hidden[index]
+
+    def unet_loss(self, latents: torch.Tensor, captions: list[str], gen: torch.Generator) -> torch.Tensor:
+        """Epsilon-prediction MSE of scaled latents at uniform random timesteps, min-SNR weighted."""
+        cfg = self.cfg
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        pred = self.unet(noisy, t, self.encode_text(captions)).sample
+        mse = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        if cfg.min_snr_gamma > 0:
+            alpha_bar = self.scheduler.alphas_cumprod[t]
+            snr = alpha_bar / (1 - alpha_bar)
+            mse = mse * snr.clamp(max=cfg.min_snr_gamma) / snr
+        return mse.mean()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """EMA of the trained weights, with the usual (1 + n) / (10 + n) warm-up of the decay."""
+        n = self.step
+        decay = min(self.cfg.ema_decay, (1 + n) / (10 + n))
+        pairs = [(self.unet_ema, self.unet)]
+        if self.cfg.train_text_encoder:
+            pairs.append((self.text_ema, self.text_encoder))
+        for ema, model in pairs:
+            for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+                e.lerp_(p, 1 - decay)
+
+    def latent_pool(self) -> LatentPool:
+        """The pool of encoded images: loaded from DIR/latents.pt, or encoded (deterministically) and saved."""
+        path = self.out / LATENTS
+        if path.exists():
+            return LatentPool.load(path)
+        t0 = time.time()
+        pool = LatentPool.encode(self.vae, self.cfg.pool_size, step_rng(self.cfg.seed, 3, 0)[0])
+        pool.save(path)
+        self.seconds["pool"] += time.time() - t0
+        return pool
+
+    def train_unet(self, progress: Progress, budget: int | None) -> int:
+        cfg = self.cfg
+        pool = self.latent_pool()
+        task = progress.add_task("(c) unet", total=cfg.unet_steps, completed=self.step)
+        self.vae.eval().requires_grad_(False)
+        self.unet.train()
+        self.text_encoder.train(cfg.train_text_encoder).requires_grad_(cfg.train_text_encoder)
+        params = [p for group in self.unet_opt.param_groups for p in group["params"]]
+        peaks = [cfg.unet_lr, cfg.text_lr][: len(self.unet_opt.param_groups)]
+        done, t0, losses = 0, time.time(), []
+        while self.step < cfg.unet_steps and (budget is None or done < budget):
+            g, gen = step_rng(cfg.seed, 2, self.step)
+            latents, captions = pool.draw(cfg.unet_batch, g, gen, cfg.short_caption_prob, cfg.empty_caption_prob)
+            lr_mult = warmup_cosine(self.step, cfg.warmup_steps, cfg.unet_steps, cfg.min_lr_ratio)
+            for group, peak in zip(self.unet_opt.param_groups, peaks, strict=True):
+                group["lr"] = peak * lr_mult
+            loss = self.unet_loss(latents * self.scaling_factor, captions, gen)
+            self.unet_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            self.unet_opt.step()
+            self.step, done = self.step + 1, done + 1
+            self.update_ema()
+            losses.append(loss.item())
+            progress.advance(task)
+            t0 = self._tick("unet", t0, losses, progress=progress)
+        return done
+
+    # ---------------------------------------------------------------- bookkeeping
+    def _tick(self, phase: str, t0: float, losses: list[float], progress: Progress, **extra: float) -> float:
+        """Account time, log every `log_every` steps and checkpoint every `checkpoint_every` steps."""
+        now = time.time()
+        self.seconds[phase] += now - t0
+        if self.step % self.cfg.log_every == 0:
+            recent = losses[-self.cfg.log_every :]
+            record = {"phase": phase, "step": self.step, "loss": float(np.mean(recent)), "seconds": self.seconds[phase]}
+            record.update(extra)
+            self.history.append(record)
+            progress.console.print(
+                f"{phase} step {self.step}: {'l1' if phase == 'vae' else 'loss'} {record['loss']:.4f}  "
+                f"({self.seconds[phase] / 60:.1f} min in phase)"
+            )
+        if self.step % self.cfg.checkpoint_every == 0:
+            self.save_checkpoint()
+        return time.time()
+
+    def export(self) -> int:
+        """Write DIR/final with the EMA UNet (and EMA text encoder when it was trained)."""
+        t0 = time.time()
+        text = self.text_ema if self.cfg.train_text_encoder else self.text_encoder
+        info = {
+            "config": self.cfg.to_dict(),
+            "scaling_factor": self.scaling_factor,
+            "seconds": self.seconds,
+            "history": self.history,
+        }
+        assert self.scaling_factor is not None
+        size = export_pipeline(self.out / "final", self.vae, text, self.tokenizer, self.unet_ema, self.scheduler,
+                               self.scaling_factor, info)
+        self.seconds["export"] += time.time() - t0
+        return size
+
+    def run(self, stop_after: int | None = None, threads: int = 1) -> bool:
+        """Train every remaining phase; stop early (with a checkpoint) after `stop_after` steps.
+
+        Returns True when the run is complete and DIR/final written.
+        """
+        torch.set_num_threads(threads)
+        self.out.mkdir(parents=True, exist_ok=True)
+        budget = stop_after
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=self.console) as progress:
+            if self.phase == "vae":
+                done = self.train_vae(progress, budget)
+                budget = None if budget is None else budget - done
+                if self.step < self.cfg.vae_steps:
+                    self.save_checkpoint()
+                    return False
+                t0 = time.time()
+                self.scaling_factor = self.measure_scaling()
+                self.seconds["scale"] += time.time() - t0
+                progress.console.print(f"scaling_factor = {self.scaling_factor:.4f}")
+                self._advance("unet")
+            if self.phase == "unet":
+                self.train_unet(progress, budget)
+                if self.step < self.cfg.unet_steps:
+                    self.save_checkpoint()
+                    return False
+                self._advance("done")
+        size = self.export()
+        self.console.print(f"wrote {self.out / 'final'} ({size / 1e6:.1f} MB); seconds per phase: "
+                           + ", ".join(f"{k} {v:.0f}" for k, v in self.seconds.items()))
+        self.save_checkpoint()
+        return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ddsedit.shapes.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt and final/")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="default")
+    parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; 1 is far faster than 2 when another process shares two cores",
+    )
+    parser.add_argument("--stop-after", type=int, default=None, help="stop, checkpointed, after N steps")
+    parser.add_argument(
+        "--extend-unet",
+        type=int,
+        default=0,
+        help="continue a finished run's UNet for N more steps (the cosine schedule is stretched to the new end)",
+    )
+    args = parser.parse_args(argv)
+
+    cfg = CONFIGS[args.config]()
+    cfg.seed = args.seed
+    trainer = Trainer(cfg, args.out)
+    ckpt = args.out / CHECKPOINT
+    if args.extend_unet:
+        if not ckpt.exists():
+            raise SystemExit(f"--extend-unet needs a finished run's {ckpt}")
+        trainer.load_checkpoint(ckpt, extend_unet=args.extend_unet)
+        trainer.console.print(f"extending the UNet to {trainer.cfg.unet_steps} steps, from step {trainer.step}")
+    elif args.resume and ckpt.exists():
+        trainer.load_checkpoint(ckpt)
+        trainer.console.print(f"resuming at phase {trainer.phase}, step {trainer.step}")
+    elif ckpt.exists():
+        raise SystemExit(f"{ckpt} exists: pass --resume to continue it, or choose another --out")
+    trainer.run(stop_after=args.stop_after, threads=args.threads)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The shapes eval's measures on known answers, and the bundled model's edits (behaviour tests)."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from ddsedit.shapes import evaluate
+from ddsedit.shapes.world import render
+
+
+def test_the_ideal_edit_scores_perfectly() -> None:
+    case = evaluate.recolour_cases(2, seed=3)[0]
+    score = evaluate.score_edit(case, render(case.target)[0])
+    assert score.recoloured and score.iou == 1.0
+    assert score.background_change == 0.0 and score.dots_kept == score.dots
+
+
+def test_no_edit_and_a_wiped_image_score_badly() -> None:
+    case = evaluate.recolour_cases(2, seed=3)[1]
+    unchanged = evaluate.score_edit(case, render(case.source)[0])
+    assert not unchanged.recoloured and unchanged.iou == 0.0 and unchanged.dots_kept == unchanged.dots
+    grey = Image.new("RGB", (64, 64), (128, 128, 128))
+    wiped = evaluate.score_edit(case, grey)
+    assert not wiped.recoloured and wiped.background_change > 50
+
+
+def test_dots_count_as_lost_when_painted_over() -> None:
+    case = evaluate.recolour_cases(1, seed=5)[0]
+    image = np.array(render(case.target)[0])
+    col, row = case.source.dots[0]
+    image[row - 2 : row + 3, col - 2 : col + 3] = image[0, 0]
+    score = evaluate.score_edit(case, Image.fromarray(image))
+    assert score.dots_kept == score.dots - 1
+
+
+def test_cases_are_balanced_and_seeded() -> None:
+    cases = evaluate.recolour_cases(6, seed=0)
+    assert [c.source.background for c in cases] == ["white", "black"] * 3
+    assert all(c.target.colour != c.source.colour for c in cases)
+    assert [c.source for c in evaluate.recolour_cases(6, seed=0)] == [c.source for c in cases]
+    assert "background" in cases[0].ref and cases[0].query != cases[0].ref
+    swaps = evaluate.swap_cases(4, seed=0, kind="shape")
+    assert all(c.target.shape != c.source.shape for c in swaps)
+
+
+def test_report_runs_end_to_end_on_the_tiny_model(tiny_model_dir) -> None:
+    from ddsedit.editor import Editor
+
+    editor = Editor.from_pretrained(tiny_model_dir, device="cpu")
+    report, picture = evaluate.evaluate(editor, count=2, seed=0, config=editor.config(steps=2, size=64), swaps=1)
+    assert set(report.methods) == {"sds", "dds", "masked-dds"}
+    assert report.methods["masked-dds"]["outside_mask_max_change"] <= 1
+    assert set(report.swaps) == {"background", "shape"}
+    assert picture.size == (5 * 128, 2 * 128)
+    assert "| dds |" in evaluate.format_report(report)

@@ -1,0 +1,120 @@
+"""Training the shapes pipeline: the tiny config runs every phase, writes a loadable folder, and resumes."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ddsedit.shapes import config, train
+from ddsedit.shapes.models import build_text_encoder, build_unet, build_vae
+from ddsedit.shapes.tokenizer import build_tokenizer, check_tokenizer
+from ddsedit.shapes.world import WORDS
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def run_tiny(out: Path, *extra: str) -> None:
+    train.main(["--out", str(out), "--config", "tiny", "--threads", "1", *extra])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+    out = tmp_path_factory.mktemp("tiny")
+    t0 = time.time()
+    run_tiny(out)
+    return out, time.time() - t0
+
+
+def test_tiny_config_runs_all_phases_quickly(tiny_run):
+    out, seconds = tiny_run
+    assert seconds < 60
+    info = json.loads((out / "final" / "train_info.json").read_text())
+    assert info["history"][-1]["phase"] == "unet" and info["history"][0]["phase"] == "vae"
+    assert torch.load(out / train.CHECKPOINT, weights_only=False)["phase"] == "done"
+
+
+def test_folder_layout_and_metadata(tiny_run):
+    final = tiny_run[0] / "final"
+    for name in COMPONENTS:
+        assert (final / name).is_dir()
+    index = json.loads((final / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
+    assert index["scheduler"] == ["diffusers", "DDPMScheduler"]
+    assert index["safety_checker"] == [None, None] and index["feature_extractor"] == [None, None]
+    assert json.loads((final / "ddsedit.json").read_text()) == {"size": 64}
+    for weights in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                    "text_encoder/model.safetensors"):
+        assert all(t.dtype == torch.float16 for t in load_file(final / weights).values() if t.is_floating_point())
+
+
+def test_components_load_with_from_pretrained(tiny_run):
+    final = tiny_run[0] / "final"
+    vae = AutoencoderKL.from_pretrained(final, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(final, subfolder="unet")
+    text_encoder = CLIPTextModel.from_pretrained(final, subfolder="text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(final, subfolder="tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(final, subfolder="scheduler")
+    assert vae.config.scaling_factor != pytest.approx(0.18215) and vae.config.scaling_factor > 0
+    assert scheduler.config.beta_schedule == "scaled_linear" and scheduler.config.num_train_timesteps == 1000
+    assert scheduler.config.beta_start == 0.00085 and scheduler.config.beta_end == 0.012
+    assert scheduler.config.prediction_type == "epsilon"
+    assert unet.config.cross_attention_dim == text_encoder.config.hidden_size
+    ids = tokenizer(["a red circle on a white background"], padding="max_length", max_length=77,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        context = text_encoder.float()(ids)[0]
+        latents = vae.float().encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+        eps = unet.float()(latents, 500, context).sample
+    assert latents.shape == (1, 4, 16, 16) and eps.shape == latents.shape
+
+
+def test_tokenizer_words_are_single_tokens_and_round_trip(tiny_run, tmp_path):
+    for tok in (build_tokenizer(), CLIPTokenizer.from_pretrained(tiny_run[0] / "final" / "tokenizer")):
+        check_tokenizer(tok)
+        assert tok.model_max_length == 77 and tok.pad_token == "<|endoftext|>"
+        for word in WORDS:
+            assert len(tok(word, add_special_tokens=False).input_ids) == 1
+        padded = tok("a green triangle", padding="max_length", max_length=77).input_ids
+        assert len(padded) == 77 and padded[5:] == [tok.eos_token_id] * 72
+    tok = build_tokenizer()
+    tok.save_pretrained(tmp_path)
+    again = CLIPTokenizer.from_pretrained(tmp_path)
+    text = "a yellow square on a black background"
+    assert again(text).input_ids == tok(text).input_ids and len(again) == len(tok)
+
+
+def test_resume_continues_exactly(tiny_run, tmp_path):
+    run_tiny(tmp_path, "--stop-after", "2")  # stops inside phase (a)
+    ckpt = torch.load(tmp_path / train.CHECKPOINT, weights_only=False)
+    assert (ckpt["phase"], ckpt["step"]) == ("vae", 2)
+    assert not (tmp_path / "final").exists()
+    with pytest.raises(SystemExit):
+        run_tiny(tmp_path)  # a checkpoint exists: refuses to start over without --resume
+    run_tiny(tmp_path, "--resume", "--stop-after", "3")  # stops inside phase (c)
+    assert torch.load(tmp_path / train.CHECKPOINT, weights_only=False)["phase"] == "unet"
+    run_tiny(tmp_path, "--resume")
+    resumed = load_file(tmp_path / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    straight = load_file(tiny_run[0] / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    for key, value in straight.items():
+        torch.testing.assert_close(resumed[key], value, atol=2e-3, rtol=0)
+
+
+def test_default_config_fits_the_size_budget():
+    cfg = config.default()
+    tok = build_tokenizer()
+    vae = build_vae(cfg.vae)
+    text = build_text_encoder(cfg.text, tok)
+    unet = build_unet(cfg.unet, cfg.vae.latent_channels, cfg.text.hidden, 16)
+    params = sum(p.numel() for m in (vae, text, unet) for p in m.parameters())
+    assert params * 2 < 24e6, "fp16 weights of the default pipeline must stay under 25 MB"
