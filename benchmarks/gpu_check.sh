@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The prepared GPU check: install ddsedit, run the DDS benchmark for sd15 at 512x512, and
-# the batched throughput, in one call (< 6 minutes on an H100-class card). Figures -> $OUT or ./bench-out.
-set -euo pipefail
+# The prepared GPU check: the DDS benchmark for sd15 at 512x512 (fp16 against both references, bf16,
+# batch 4, torch.compile), in one call (< 6 minutes on an H100-class card). Figures -> $OUT or ./bench-out.
+# Runs from a checkout without installing: ddsedit is taken from src/ unless it is already installed.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-deps -e . 2>&1 | tail -1 || true
-python3 -c "import torch, diffusers, transformers; print(torch.__version__, torch.cuda.get_device_name(0))"
+python3 -c "import ddsedit" 2>/dev/null || export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+python3 -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, torch.cuda.get_device_name(0))" || exit 1
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-python3 -m benchmarks.bench_dds --arch sd15 --size 512 --dtype fp16 --steps 30 --warmup 5 --json "$OUT/sd15-fp16.json" | tee "$OUT/sd15-fp16.txt"
-python3 -m benchmarks.bench_dds --arch sd15 --size 512 --dtype bf16 --steps 30 --warmup 5 --loops ddsedit --json "$OUT/sd15-bf16.json" | tee "$OUT/sd15-bf16.txt"
-python3 -m benchmarks.bench_dds --arch sd15 --size 512 --dtype fp16 --steps 20 --warmup 3 --batch-size 4 --loops ddsedit --json "$OUT/sd15-fp16-k4.json" | tee "$OUT/sd15-fp16-k4.txt"
-python3 -m benchmarks.bench_dds --arch sd15 --size 512 --dtype fp16 --steps 30 --warmup 5 --compile --loops ddsedit --json "$OUT/sd15-fp16-compile.json" | tee "$OUT/sd15-fp16-compile.txt"
+bench() { name=$1; shift; python3 -m benchmarks.bench_dds --arch sd15 --size 512 --json "$OUT/$name.json" "$@" | tee "$OUT/$name.txt"; }
+bench sd15-fp16 --dtype fp16 --steps 20 --warmup 3
+bench sd15-fp16-k4 --dtype fp16 --steps 20 --warmup 3 --batch-size 4 --loops ddsedit
+bench sd15-bf16 --dtype bf16 --steps 20 --warmup 3 --loops ddsedit
+bench sd15-fp16-compile --dtype fp16 --steps 20 --warmup 3 --compile --loops ddsedit

@@ -118,3 +118,49 @@ def test_default_config_fits_the_size_budget():
     unet = build_unet(cfg.unet, cfg.vae.latent_channels, cfg.text.hidden, 16)
     params = sum(p.numel() for m in (vae, text, unet) for p in m.parameters())
     assert params * 2 < 24e6, "fp16 weights of the default pipeline must stay under 25 MB"
+
+
+def test_gpu_config_keeps_the_default_architecture():
+    # the bundled model's VAE is reused by the GPU run (--init-vae), and the size budget holds
+    assert (config.gpu().vae, config.gpu().text, config.gpu().unet) == (
+        config.default().vae, config.default().text, config.default().unet,
+    )  # fmt: skip
+
+
+def test_init_vae_skips_phase_a_and_keeps_the_autoencoder(tiny_run, tmp_path):
+    source = tiny_run[0] / "final"
+    run_tiny(tmp_path, "--init-vae", str(source))
+    info = json.loads((tmp_path / "final" / "train_info.json").read_text())
+    assert info["config"]["init_vae"] == str(source) and info["config"]["vae_steps"] == 0
+    assert {record["phase"] for record in info["history"]} == {"unet"}
+    original = AutoencoderKL.from_pretrained(source, subfolder="vae")
+    taken = AutoencoderKL.from_pretrained(tmp_path / "final", subfolder="vae")
+    assert taken.config.scaling_factor == pytest.approx(original.config.scaling_factor)
+    for (name, a), (_, b) in zip(original.state_dict().items(), taken.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_unet_minutes_sets_the_step_count_from_measured_speed(tiny_run, tmp_path):
+    cfg = config.tiny()
+    cfg.unet_steps, cfg.warmup_steps = 10_000, train.CALIBRATION_STEPS + 10
+    trainer = train.Trainer(cfg, tmp_path, unet_minutes=0.01)  # 0.6 s: far fewer than 10,000 steps
+    trainer.init_vae_from(tiny_run[0] / "final")
+    assert trainer.run() is True
+    # the budget is spent by calibration: the phase ends right after the warm-up, and says so in its config
+    assert trainer.cfg.unet_steps == cfg.warmup_steps + 1
+    info = json.loads((tmp_path / "final" / "train_info.json").read_text())
+    assert info["config"]["unet_steps"] == trainer.cfg.unet_steps
+    assert info["history"][-1]["step"] == trainer.cfg.unet_steps - 1  # logged every 2 steps
+
+
+def test_latent_pool_is_the_same_whatever_the_number_of_workers(tiny_run):
+    from ddsedit.shapes.latents import LatentPool
+
+    vae = AutoencoderKL.from_pretrained(tiny_run[0] / "final", subfolder="vae", torch_dtype=torch.float32)
+    one = LatentPool.encode(vae, 10, seed=5, batch=4, workers=1)
+    two = LatentPool.encode(vae, 10, seed=5, batch=4, workers=2)
+    other_seed = LatentPool.encode(vae, 10, seed=6, batch=4, workers=1)
+    assert len(one) == 10 and one.labels.shape == (10, 3)
+    torch.testing.assert_close(one.mean, two.mean)
+    assert (one.labels == two.labels).all()
+    assert not torch.equal(one.mean, other_seed.mean)

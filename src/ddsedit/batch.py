@@ -81,24 +81,10 @@ class Job:
 
     def expected_parameters(self, model_name: str) -> dict[str, Any]:
         """The parameters the output's metadata records when this row has run."""
-        config = self.config
-        parameters: dict[str, Any] = {
-            "method": self.row.method,
-            "ref": self.row.ref if self.row.method != "sds" else "",
-            "query": self.row.query,
-            "negative": config.negative,
-            "seed": self.seed,
-            "steps": config.steps,
-            "guidance": config.guidance,
-            "lr": config.lr,
-            "t_min": config.t_min,
-            "t_max": config.t_max,
-            "size": config.size,
-            "model": model_name,
-        }
-        if self.row.method == "masked-dds":
-            parameters.update(paste_back=config.paste_back, feather=config.feather)
-        return parameters
+        from ddsedit.editor import edit_parameters
+
+        ref = self.row.ref if self.row.method != "sds" else ""
+        return {**edit_parameters(self.row.method, ref, self.row.query, self.seed, self.config), "model": model_name}
 
     def output_matches(self, model_name: str) -> bool:
         """Whether the output exists, is a complete PNG and records this row's parameters."""

@@ -109,6 +109,27 @@ class EditResult:
         return text
 
 
+
+def edit_parameters(method: str, ref: str, query: str, seed: int, config: EditConfig) -> dict[str, Any]:
+    """What decides an edit's result, as its output's metadata records it (batch resume compares these)."""
+    parameters: dict[str, Any] = {
+        "method": method,
+        "ref": ref,
+        "query": query,
+        "negative": config.negative,
+        "seed": seed,
+        "steps": config.steps,
+        "guidance": config.guidance,
+        "lr": config.lr,
+        "t_min": config.t_min,
+        "t_max": config.t_max,
+        "size": config.size,
+    }
+    if method == "masked-dds":
+        parameters.update(paste_back=config.paste_back, feather=config.feather)
+    return parameters
+
+
 @dataclass
 class EditRequest:
     """One image to edit in a batch: its prompts, its mask (masked-dds) and optionally its own seed."""
@@ -367,24 +388,12 @@ class Editor:
         if item.mask is not None and config.paste_back:
             edited = imageio.paste_back(edited, item.source, item.mask, config.feather)
         parameters = {
-            "method": method,
-            "ref": item.ref,
-            "query": item.query,
-            "negative": config.negative,
-            "seed": item.seed,
-            "steps": config.steps,
-            "guidance": config.guidance,
-            "lr": config.lr,
-            "t_min": config.t_min,
-            "t_max": config.t_max,
-            "size": config.size,
+            **edit_parameters(method, item.ref, item.query, item.seed, config),
             "working_size": f"{item.working_size[0]}x{item.working_size[1]}",
             "model": self.components.source,
             "dtype": str(self.dtype).removeprefix("torch."),
             "ddsedit_version": __version__,
         }
-        if method == "masked-dds":
-            parameters.update(paste_back=config.paste_back, feather=config.feather)
         edited.info.update({key: str(value) for key, value in parameters.items()})
         return EditResult(image=edited, parameters=parameters, frames=frames)
 

@@ -1,7 +1,8 @@
 """Typed configuration of the shapes model: architecture and training, with the named presets.
 
 `tiny` runs every phase for a few steps in seconds (tests); `default` is the real run, sized for
-about 45 minutes on one CPU thread (`--threads 1`): VAE ~7 min, latent pool ~1.5 min, UNet ~35 min.
+about 45 minutes on one CPU thread (`--threads 1`): VAE ~7 min, latent pool ~1.5 min, UNet ~35 min;
+`gpu` trains the same architecture's UNet far longer on a GPU.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class TrainConfig:
     text: TextConfig = field(default_factory=TextConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     seed: int = 0
+    init_vae: str = ""  # a shapes model folder whose VAE was taken (phase (a) skipped), or "" when trained here
     # phase (a): autoencoder
     vae_steps: int = 900
     vae_batch: int = 8
@@ -111,8 +113,27 @@ def tiny() -> TrainConfig:
 
 
 def default() -> TrainConfig:
-    """The real run."""
+    """The real run on CPU."""
     return TrainConfig()
 
 
-CONFIGS = {"tiny": tiny, "default": default}
+def gpu() -> TrainConfig:
+    """The same architecture trained on a GPU: a larger pool and batch, many more UNet steps.
+
+    Used with ``--init-vae`` (the CPU-trained autoencoder is already near its ceiling) and
+    ``--unet-minutes`` (the step count is set from the measured speed and recorded).
+    """
+    return TrainConfig(
+        pool_size=131072,
+        unet_steps=20000,
+        unet_batch=256,
+        unet_lr=1e-3,
+        text_lr=1e-3,
+        warmup_steps=300,
+        ema_decay=0.999,
+        checkpoint_every=5000,
+        log_every=500,
+    )
+
+
+CONFIGS = {"tiny": tiny, "default": default, "gpu": gpu}

@@ -8,12 +8,17 @@ from which captions (full, short, or empty for classifier-free guidance) are mad
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
+
+if TYPE_CHECKING:  # workers import this module: keep diffusers out of their start-up
+    from diffusers import AutoencoderKL
 
 from ddsedit.shapes.world import BACKGROUNDS, COLOURS, SHAPES, make_caption, render_batch, sample_case
 
@@ -28,18 +33,28 @@ class LatentPool:
 
     @classmethod
     @torch.no_grad()
-    def encode(cls, vae: AutoencoderKL, n: int, rng: np.random.Generator, batch: int = 64) -> LatentPool:
-        """Render and encode `n` random images with `vae` (in eval mode)."""
+    def encode(
+        cls, vae: AutoencoderKL, n: int, seed: int, batch: int = 64, workers: int = 1
+    ) -> LatentPool:
+        """Render and encode `n` random images with `vae` (in eval mode, on its device).
+
+        Chunk i of `batch` images is drawn from its own generator seeded by (seed, i), so the pool is the
+        same whatever the number of `workers` rendering the chunks in parallel.
+        """
         vae.eval()
-        shapes, colours, backgrounds = list(SHAPES), list(COLOURS), list(BACKGROUNDS)
+        device = next(vae.parameters()).device
+        sizes = [min(batch, n - start) for start in range(0, n, batch)]
+        jobs = [(seed, i, size) for i, size in enumerate(sizes)]
         means, stds, labels = [], [], []
-        for start in range(0, n, batch):
-            cases = [sample_case(rng) for _ in range(min(batch, n - start))]
-            posterior = vae.encode(render_batch(cases)[0]).latent_dist
-            means.append(posterior.mean)
-            stds.append(posterior.std)
-            labels += [(shapes.index(c.shape), colours.index(c.colour), backgrounds.index(c.background)) for c in cases]
-        return cls(torch.cat(means), torch.cat(stds), np.array(labels, dtype=np.int64))
+        # "spawn": forked workers of a process that has run torch's thread pools can hang
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) if workers > 1 else _InProcess() as pool:
+            for images, chunk_labels in pool.map(_render_chunk, jobs):
+                posterior = vae.encode(images.to(device)).latent_dist
+                means.append(posterior.mean.float().cpu())
+                stds.append(posterior.std.float().cpu())
+                labels.append(chunk_labels)
+        return cls(torch.cat(means), torch.cat(stds), np.concatenate(labels))
 
     def save(self, path: Path) -> None:
         torch.save({"mean": self.mean, "std": self.std, "labels": torch.from_numpy(self.labels)}, path)
@@ -73,3 +88,26 @@ class LatentPool:
                 background = backgrounds[b] if u >= empty_caption_prob + short_caption_prob else None
                 captions.append(make_caption(colours[c], shapes[s], background))
         return latents, captions
+
+
+def _render_chunk(job: tuple[int, int, int]) -> tuple[torch.Tensor, np.ndarray]:
+    """Images and (shape, colour, background) indices of chunk `index` (a worker's unit of work)."""
+    seed, index, size = job
+    rng = np.random.default_rng([seed, index])
+    cases = [sample_case(rng) for _ in range(size)]
+    shapes, colours, backgrounds = list(SHAPES), list(COLOURS), list(BACKGROUNDS)
+    labels = [(shapes.index(c.shape), colours.index(c.colour), backgrounds.index(c.background)) for c in cases]
+    return render_batch(cases)[0], np.array(labels, dtype=np.int64).reshape(-1, 3)
+
+
+class _InProcess:
+    """The `map` of a process pool, run in this process (one worker: no start-up cost)."""
+
+    def __enter__(self) -> _InProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def map(self, fn, jobs):  # noqa: ANN001, ANN201 - mirrors Executor.map
+        return map(fn, jobs)

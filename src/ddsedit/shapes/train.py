@@ -1,6 +1,7 @@
 """Train the shapes text-to-image pipeline from scratch on CPU, in phases, and write a diffusers folder.
 
-    python -m ddsedit.shapes.train --out DIR [--config tiny|default] [--resume] [--seed N]
+    python -m ddsedit.shapes.train --out DIR [--config tiny|default|gpu] [--resume] [--seed N]
+        [--device cuda] [--init-vae MODEL_DIR] [--unet-minutes M]
 
 Phases:
   (a) vae   -- AutoencoderKL 64x64x3 <-> 16x16x4; L1 + MSE with shape pixels (and a 1 px ring) weighted
@@ -10,6 +11,10 @@ Phases:
                prediction under SD's DDPM schedule, min-SNR weighting, AdamW with warm-up + cosine,
                EMA; the text encoder trains jointly unless configured frozen.
 Then the EMA weights are exported in fp16 to DIR/final.
+
+`--init-vae` takes the autoencoder (and its scaling_factor) of an existing shapes model and skips phase (a).
+`--unet-minutes` sizes phase (c) to a time budget: the speed is measured during the warm-up (whose
+learning rate does not depend on the total) and `unet_steps` set from it, then recorded in the config.
 
 Every batch is drawn from a generator seeded by (seed, phase, step), so a run is reproducible and a
 --resume from DIR/checkpoint.pt continues exactly where the checkpoint left off.
@@ -46,6 +51,8 @@ from ddsedit.shapes.models import build_scheduler, build_text_encoder, build_une
 from ddsedit.shapes.tokenizer import MAX_LENGTH, build_tokenizer
 from ddsedit.shapes.world import render_batch, sample_case
 
+CALIBRATION_STEPS = 30  # UNet steps timed (after a few unmeasured ones) before --unet-minutes sets the total
+
 PHASES = ("vae", "unet", "done")
 CHECKPOINT = "checkpoint.pt"
 LATENTS = "latents.pt"
@@ -68,9 +75,23 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 class Trainer:
     """Owns the models, optimizers and progress of one run; `run()` does every remaining phase."""
 
-    def __init__(self, cfg: TrainConfig, out: Path, console: Console | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        out: Path,
+        console: Console | None = None,
+        device: str = "cpu",
+        pool_workers: int = 1,
+        unet_minutes: float | None = None,
+    ) -> None:
         self.cfg, self.out = cfg, out
         self.console = console or Console()
+        self.device = torch.device(device)
+        if self.device.type == "cuda":  # TF32 matmuls and convolutions: ample precision for this training
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.pool_workers = pool_workers
+        self.unet_minutes = unet_minutes
         torch.manual_seed(cfg.seed)
         self.tokenizer: CLIPTokenizer = build_tokenizer()
         self.vae: AutoencoderKL = build_vae(cfg.vae)
@@ -78,6 +99,9 @@ class Trainer:
         latent_size = 64 // 2 ** (len(cfg.vae.channels) - 1)
         self.unet: UNet2DConditionModel = build_unet(cfg.unet, cfg.vae.latent_channels, cfg.text.hidden, latent_size)
         self.scheduler: DDPMScheduler = build_scheduler()
+        for model in (self.vae, self.text_encoder, self.unet):
+            model.to(self.device)
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)
         self.unet_ema = copy.deepcopy(self.unet).requires_grad_(False)
         self.text_ema = copy.deepcopy(self.text_encoder).requires_grad_(False)
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
@@ -117,7 +141,7 @@ class Trainer:
 
     def load_checkpoint(self, path: Path, extend_unet: int = 0) -> None:
         """Continue from a checkpoint; with ``extend_unet`` a finished run trains its UNet N steps more."""
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location=self.device, weights_only=False)
         if extend_unet:
             self.cfg = TrainConfig.from_dict(ckpt["config"])
             if ckpt["phase"] != "done":
@@ -132,6 +156,15 @@ class Trainer:
         for name in ("vae", "vae_opt", "text_encoder", "text_ema", "unet", "unet_ema", "unet_opt"):
             getattr(self, name).load_state_dict(ckpt[name])
 
+    def init_vae_from(self, model_dir: Path) -> None:
+        """Take the autoencoder and scaling_factor of a finished shapes model; phase (a) is then skipped."""
+        vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=torch.float32)
+        self.vae.load_state_dict(vae.state_dict())
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.cfg.vae_steps = 0
+        self.cfg.init_vae = str(model_dir)
+        self.phase, self.step = "unet", 0
+
     def _advance(self, phase: str) -> None:
         self.phase, self.step = phase, 0
         self.save_checkpoint()
@@ -141,7 +174,7 @@ class Trainer:
         """Weighted L1 + MSE reconstruction loss plus a tiny KL; returns (loss, plain L1)."""
         cfg = self.cfg
         posterior = self.vae.encode(images).latent_dist
-        recon = self.vae.decode(posterior.sample(generator=gen)).sample
+        recon = self.vae.decode(posterior.mean + posterior.std * self._randn(posterior.mean.shape, gen)).sample
         near_shape = F.max_pool2d(masks.float(), 3, stride=1, padding=1)  # the shape and a 1 px ring
         weight = 1 + (cfg.vae_shape_weight - 1) * near_shape + (cfg.vae_dot_weight - 1) * dots.float()
         diff = recon - images
@@ -157,7 +190,8 @@ class Trainer:
         done, t0, losses = 0, time.time(), []
         while self.step < cfg.vae_steps and (budget is None or done < budget):
             g, gen = step_rng(cfg.seed, 0, self.step)
-            images, masks, dots = render_batch([sample_case(g) for _ in range(cfg.vae_batch)])
+            cases = [sample_case(g) for _ in range(cfg.vae_batch)]
+            images, masks, dots = (x.to(self.device) for x in render_batch(cases))
             lr_mult = warmup_cosine(self.step, cfg.vae_warmup_steps, cfg.vae_steps, cfg.min_lr_ratio)
             for group in self.vae_opt.param_groups:
                 group["lr"] = cfg.vae_lr * lr_mult
@@ -181,7 +215,8 @@ class Trainer:
         for start in range(0, self.cfg.scale_images, 64):
             n = min(64, self.cfg.scale_images - start)
             images, _, _ = render_batch([sample_case(g) for _ in range(n)])
-            latents.append(self.vae.encode(images).latent_dist.sample(generator=gen))
+            posterior = self.vae.encode(images.to(self.device)).latent_dist
+            latents.append(posterior.mean + posterior.std * self._randn(posterior.mean.shape, gen))
         return float(1.0 / torch.cat(latents).std())
 
     # ---------------------------------------------------------------- phase (c): UNet
@@ -191,13 +226,13 @@ class Trainer:
         if missing:
             ids = self.tokenizer(missing, padding="max_length", max_length=MAX_LENGTH, truncation=True,
                                  return_tensors="pt").input_ids
-            self._token_cache.update(zip(missing, ids, strict=True))
+            self._token_cache.update(zip(missing, ids.to(self.device), strict=True))
         return torch.stack([self._token_cache[c] for c in captions])
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         """Text encoder hidden states (n, 77, hidden), run once per distinct caption in the batch."""
         unique = list(dict.fromkeys(captions))
-        index = torch.tensor([unique.index(c) for c in captions])
+        index = torch.tensor([unique.index(c) for c in captions], device=self.device)
         with torch.set_grad_enabled(self.cfg.train_text_encoder and self.text_encoder.training):
             hidden = self.text_encoder(self.tokens(unique))[0]
         return hidden[index]
@@ -205,13 +240,13 @@ class Trainer:
     def unet_loss(self, latents: torch.Tensor, captions: list[str], gen: torch.Generator) -> torch.Tensor:
         """Epsilon-prediction MSE of scaled latents at uniform random timesteps, min-SNR weighted."""
         cfg = self.cfg
-        noise = torch.randn(latents.shape, generator=gen)
+        noise = self._randn(latents.shape, gen)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-        noisy = self.scheduler.add_noise(latents, noise, t)
-        pred = self.unet(noisy, t, self.encode_text(captions)).sample
+        alpha_bar = self.alphas_cumprod[t.to(self.device)]
+        noisy = alpha_bar.sqrt().view(-1, 1, 1, 1) * latents + (1 - alpha_bar).sqrt().view(-1, 1, 1, 1) * noise
+        pred = self.unet(noisy, t.to(self.device), self.encode_text(captions)).sample
         mse = (pred - noise).pow(2).mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma > 0:
-            alpha_bar = self.scheduler.alphas_cumprod[t]
             snr = alpha_bar / (1 - alpha_bar)
             mse = mse * snr.clamp(max=cfg.min_snr_gamma) / snr
         return mse.mean()
@@ -225,8 +260,7 @@ class Trainer:
         if self.cfg.train_text_encoder:
             pairs.append((self.text_ema, self.text_encoder))
         for ema, model in pairs:
-            for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-                e.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
     def latent_pool(self) -> LatentPool:
         """The pool of encoded images: loaded from DIR/latents.pt, or encoded (deterministically) and saved."""
@@ -234,7 +268,8 @@ class Trainer:
         if path.exists():
             return LatentPool.load(path)
         t0 = time.time()
-        pool = LatentPool.encode(self.vae, self.cfg.pool_size, step_rng(self.cfg.seed, 3, 0)[0])
+        pool = LatentPool.encode(self.vae, self.cfg.pool_size, seed=self.cfg.seed * 1000 + 3,
+                                 workers=self.pool_workers)
         pool.save(path)
         self.seconds["pool"] += time.time() - t0
         return pool
@@ -249,9 +284,17 @@ class Trainer:
         params = [p for group in self.unet_opt.param_groups for p in group["params"]]
         peaks = [cfg.unet_lr, cfg.text_lr][: len(self.unet_opt.param_groups)]
         done, t0, losses = 0, time.time(), []
+        calibrate = self.unet_minutes is not None and self.step == 0
+        calibration_start = 0.0
         while self.step < cfg.unet_steps and (budget is None or done < budget):
+            if calibrate and self.step == 5:
+                self._synchronize()
+                calibration_start = time.time()
+            if calibrate and self.step == 5 + CALIBRATION_STEPS:
+                self._set_unet_steps(calibration_start, progress, task)
             g, gen = step_rng(cfg.seed, 2, self.step)
             latents, captions = pool.draw(cfg.unet_batch, g, gen, cfg.short_caption_prob, cfg.empty_caption_prob)
+            latents = latents.to(self.device)
             lr_mult = warmup_cosine(self.step, cfg.warmup_steps, cfg.unet_steps, cfg.min_lr_ratio)
             for group, peak in zip(self.unet_opt.param_groups, peaks, strict=True):
                 group["lr"] = peak * lr_mult
@@ -262,10 +305,29 @@ class Trainer:
             self.unet_opt.step()
             self.step, done = self.step + 1, done + 1
             self.update_ema()
-            losses.append(loss.item())
+            losses.append(loss.detach())
             progress.advance(task)
             t0 = self._tick("unet", t0, losses, progress=progress)
         return done
+
+    def _randn(self, shape: torch.Size | tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+        """Standard normal noise drawn from a CPU generator (the same on every device), moved to the device."""
+        return torch.randn(shape, generator=gen).to(self.device)
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _set_unet_steps(self, start: float, progress: Progress, task: Any) -> None:
+        """Set `unet_steps` so that the UNet phase fits `unet_minutes` at the speed just measured."""
+        assert self.unet_minutes is not None
+        self._synchronize()
+        per_step = (time.time() - start) / CALIBRATION_STEPS
+        remaining = self.unet_minutes * 60 - self.seconds["unet"]
+        steps = max(self.cfg.warmup_steps + 1, self.step + int(remaining / per_step))
+        self.cfg.unet_steps = steps
+        progress.update(task, total=steps)
+        progress.console.print(f"unet: {per_step * 1000:.1f} ms/step -> unet_steps = {steps}")
 
     # ---------------------------------------------------------------- bookkeeping
     def _tick(self, phase: str, t0: float, losses: list[float], progress: Progress, **extra: float) -> float:
@@ -274,7 +336,8 @@ class Trainer:
         self.seconds[phase] += now - t0
         if self.step % self.cfg.log_every == 0:
             recent = losses[-self.cfg.log_every :]
-            record = {"phase": phase, "step": self.step, "loss": float(np.mean(recent)), "seconds": self.seconds[phase]}
+            mean_loss = float(np.mean([float(v) for v in recent]))  # syncs the device once per log line
+            record = {"phase": phase, "step": self.step, "loss": mean_loss, "seconds": self.seconds[phase]}
             record.update(extra)
             self.history.append(record)
             progress.console.print(
@@ -296,8 +359,8 @@ class Trainer:
             "history": self.history,
         }
         assert self.scaling_factor is not None
-        size = export_pipeline(self.out / "final", self.vae, text, self.tokenizer, self.unet_ema, self.scheduler,
-                               self.scaling_factor, info)
+        size = export_pipeline(self.out / "final", self.vae.cpu(), text.cpu(), self.tokenizer, self.unet_ema.cpu(),
+                               self.scheduler, self.scaling_factor, info)
         self.seconds["export"] += time.time() - t0
         return size
 
@@ -349,6 +412,10 @@ def main(argv: list[str] | None = None) -> None:
         help="torch CPU threads; 1 is far faster than 2 when another process shares two cores",
     )
     parser.add_argument("--stop-after", type=int, default=None, help="stop, checkpointed, after N steps")
+    parser.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
+    parser.add_argument("--pool-workers", type=int, default=1, help="processes rendering the latent pool")
+    parser.add_argument("--init-vae", type=Path, default=None, help="take the VAE of this shapes model folder")
+    parser.add_argument("--unet-minutes", type=float, default=None, help="size the UNet phase to this budget")
     parser.add_argument(
         "--extend-unet",
         type=int,
@@ -359,7 +426,8 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = CONFIGS[args.config]()
     cfg.seed = args.seed
-    trainer = Trainer(cfg, args.out)
+    trainer = Trainer(cfg, args.out, device=args.device, pool_workers=args.pool_workers,
+                      unet_minutes=args.unet_minutes)
     ckpt = args.out / CHECKPOINT
     if args.extend_unet:
         if not ckpt.exists():
@@ -371,6 +439,9 @@ def main(argv: list[str] | None = None) -> None:
         trainer.console.print(f"resuming at phase {trainer.phase}, step {trainer.step}")
     elif ckpt.exists():
         raise SystemExit(f"{ckpt} exists: pass --resume to continue it, or choose another --out")
+    elif args.init_vae is not None:
+        trainer.init_vae_from(args.init_vae)
+        trainer.console.print(f"VAE from {args.init_vae} (scaling_factor {trainer.scaling_factor:.4f})")
     trainer.run(stop_after=args.stop_after, threads=args.threads)
 
 

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One borrowed-GPU call: train the shapes UNet on the GPU (VAE taken from the bundled model), evaluate it
+# against the bundled model on the same cases, run the sd15 speed benchmark, then a settings grid.
+# Usage (device machine, repo root; .whl/ holds diffusers' wheels where diffusers is missing):
+#   UNET_MINUTES=3.5 bash scripts/gpu_session.sh      # results in $OUT
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+if ! python3 -c "import diffusers" 2>/dev/null && [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/train.log"
+python3 -c "import torch, diffusers, transformers, typer; print(torch.__version__, diffusers.__version__, transformers.__version__, typer.__version__)" | tee -a "$OUT/train.log"
+
+RUN=/tmp/shapes-gpu
+timeout $(( ${TRAIN_SECONDS:-330} )) python3 -m ddsedit.shapes.train --out $RUN --config "${CONFIG:-gpu}" --device "${DEVICE:-cuda}" \
+  --pool-workers "${POOL_WORKERS:-14}" --init-vae src/ddsedit/bundled/shapes --unet-minutes "${UNET_MINUTES:-3.5}" --threads 4 \
+  2>&1 | grep -v "Writing model shards\|Loading weights" | tee -a "$OUT/train.log"
+[ -d $RUN/final ] && tar -C $RUN -cf "$OUT/model.tar" final
+
+mkdir -p /tmp/eval
+for model in shapes $RUN/final; do
+  name=$(basename "$(dirname $model)"); [ "$model" = shapes ] && name=v1
+  [ -e "$model" ] || [ "$model" = shapes ] || continue
+  timeout 120 python3 -m ddsedit eval-shapes --model "$model" --cases "${EVAL_CASES:-40}" --swaps 8 --batch-size 40 \
+    --device "${DEVICE:-cuda}" --out-dir /tmp/eval/$name 2>&1 | tee /tmp/eval/$name.txt
+done
+tar -C /tmp -cf "$OUT/eval.tar" eval
+
+mkdir -p /tmp/bench
+OUT=/tmp/bench timeout ${BENCH_SECONDS:-240} bash benchmarks/gpu_check.sh 2>&1 | tail -40 > /tmp/bench/log.txt
+tar -C /tmp -cf "$OUT/bench.tar" bench
+cat /tmp/bench/*.txt
+
+# Settings grid for the new model's edit defaults (partial results are kept if the time runs out).
+[ -d $RUN/final ] && timeout ${TUNE_SECONDS:-90} python3 -m ddsedit.shapes.tune --model $RUN/final --cases 40 \
+  --batch-size 40 --device "${DEVICE:-cuda}" --methods dds,sds --out "$OUT/tune.jsonl" \
+  --grid '{"lr": [0.05, 0.1, 0.2], "guidance": [7.5, 15], "t_max": [500, 750, 950]}' > /dev/null 2>&1
+echo "done at $(date)"

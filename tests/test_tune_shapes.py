@@ -1,0 +1,24 @@
+"""The settings grid over the shapes eval."""
+
+from __future__ import annotations
+
+import json
+
+from ddsedit.shapes import tune
+
+
+def test_grid_settings_is_every_combination_in_a_stable_order():
+    settings = tune.grid_settings({"lr": [0.1, 0.2], "guidance": [7.5]})
+    assert settings == [{"guidance": 7.5, "lr": 0.1}, {"guidance": 7.5, "lr": 0.2}]
+    assert tune.grid_settings({}) == [{}]
+
+
+def test_tune_scores_each_setting_and_method(tmp_path, capsys):
+    out = tmp_path / "tune.jsonl"
+    tune.main(["--model", "shapes", "--cases", "2", "--device", "cpu", "--methods", "dds,sds",
+               "--grid", '{"steps": [2], "lr": [0.1, 0.3]}', "--out", str(out)])  # fmt: skip
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(line["method"], line["lr"]) for line in lines] == [("dds", 0.1), ("sds", 0.1), ("dds", 0.3), ("sds", 0.3)]
+    for line in lines:
+        assert line["steps"] == 2 and 0 <= line["recolour_rate"] <= 1 and line["background_change"] >= 0
+    assert capsys.readouterr().out.count("\n") == 4
