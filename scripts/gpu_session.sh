@@ -16,7 +16,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, diffusers, transformers, typer; print(torch.__version__, diffusers.__version__, transformers.__version__, typer.__version__)" | tee -a "$OUT/train.log"
 
 RUN=/tmp/shapes-gpu
-timeout $(( ${TRAIN_SECONDS:-330} )) python3 -m ddsedit.shapes.train --out $RUN --config "${CONFIG:-gpu}" --device "${DEVICE:-cuda}" \
+# the UNet budget plus start-up, the pool (~80 s with 14 workers on a 16-core machine) and the export
+timeout "${TRAIN_SECONDS:-$(python3 -c "print(int(${UNET_MINUTES:-3.5} * 60 + 150))")}" python3 -m ddsedit.shapes.train --out $RUN --config "${CONFIG:-gpu}" --device "${DEVICE:-cuda}" \
   --pool-workers "${POOL_WORKERS:-14}" --init-vae src/ddsedit/bundled/shapes --unet-minutes "${UNET_MINUTES:-3.5}" --threads 4 \
   2>&1 | grep -v "Writing model shards\|Loading weights" | tee -a "$OUT/train.log"
 [ -d $RUN/final ] && tar -C $RUN -cf "$OUT/model.tar" final

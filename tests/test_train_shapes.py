@@ -140,9 +140,11 @@ def test_init_vae_skips_phase_a_and_keeps_the_autoencoder(tiny_run, tmp_path):
         torch.testing.assert_close(a, b, msg=name)
 
 
-def test_unet_minutes_sets_the_step_count_from_measured_speed(tiny_run, tmp_path):
+def test_unet_minutes_sets_the_step_count_from_measured_speed(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "CALIBRATION_START", 3)
+    monkeypatch.setattr(train, "CALIBRATION_STEPS", 10)
     cfg = config.tiny()
-    cfg.unet_steps, cfg.warmup_steps = 10_000, train.CALIBRATION_STEPS + 10
+    cfg.unet_steps, cfg.warmup_steps = 10_000, 20
     trainer = train.Trainer(cfg, tmp_path, unet_minutes=0.01)  # 0.6 s: far fewer than 10,000 steps
     trainer.init_vae_from(tiny_run[0] / "final")
     assert trainer.run() is True
