@@ -155,9 +155,10 @@ def test_vae_overflow_in_half_precision_reruns_in_fp32(tiny_model_dir) -> None:
 
 
 def test_tiny_tokenizer_words_are_single_tokens() -> None:
-    from ddsedit.tiny import TINY_WORDS, word_level_clip_tokenizer
+    from ddsedit.shapes.tokenizer import build_tokenizer
+    from ddsedit.tiny import TINY_WORDS
 
-    tokenizer = word_level_clip_tokenizer(TINY_WORDS)
+    tokenizer = build_tokenizer(TINY_WORDS)
     ids = tokenizer("a red circle on a white background").input_ids
     assert len(ids) == 2 + 7  # start, seven words, end
     assert tokenizer.model_max_length == 77

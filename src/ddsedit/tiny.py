@@ -16,56 +16,6 @@ TINY_WORDS = (
 )  # fmt: skip
 
 
-def word_level_clip_tokenizer(words: tuple[str, ...] | list[str], model_max_length: int = 77):
-    """A CLIPTokenizer in which every word of ``words`` is exactly one token.
-
-    CLIP's BPE splits words into characters and merges them back; so the vocabulary
-    holds each word's characters and its left-to-right merges. (In transformers 5,
-    building it from vocab_file/merges_file paths silently yields a 2-token vocabulary,
-    so it is built from a dict and a list of merge pairs.)
-    """
-    from transformers import CLIPTokenizer
-
-    vocab: dict[str, int] = {}
-    merge_ranks: dict[tuple[str, str], int] = {}
-
-    def add(token: str) -> None:
-        vocab.setdefault(token, len(vocab))
-
-    def apply_merges(pieces: list[str]) -> list[str]:
-        # Byte-pair encoding: repeatedly merge the adjacent pair with the best (lowest) rank.
-        while len(pieces) > 1:
-            ranked = [
-                (merge_ranks.get(pair, len(merge_ranks)), i)
-                for i, pair in enumerate(zip(pieces, pieces[1:], strict=False))
-            ]
-            rank, index = min(ranked)
-            if rank == len(merge_ranks):
-                break
-            pieces = pieces[:index] + [pieces[index] + pieces[index + 1]] + pieces[index + 2 :]
-        return pieces
-
-    for word in words:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        for piece in pieces:
-            add(piece)
-        # New merges rank below all earlier ones, so words already single tokens stay so.
-        pieces = apply_merges(pieces)
-        while len(pieces) > 1:
-            merge_ranks[(pieces[0], pieces[1])] = len(merge_ranks)
-            add(pieces[0] + pieces[1])
-            pieces = apply_merges(pieces)
-    merges = sorted(merge_ranks, key=merge_ranks.__getitem__)
-    add("<|startoftext|>")
-    add("<|endoftext|>")
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
-    for word in words:
-        ids = tokenizer(word, add_special_tokens=False).input_ids
-        if len(ids) != 1:
-            raise RuntimeError(f"word {word!r} did not tokenize to one token: {ids}")
-    return tokenizer
-
-
 def model_index(diffusers_version: str) -> dict:
     """The model_index.json of an SD pipeline folder without safety checker."""
     return {
@@ -93,10 +43,12 @@ def build_tiny_pipeline(folder: str | Path, prediction_type: str = "epsilon", se
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from ddsedit.shapes.tokenizer import build_tokenizer, save_tokenizer
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    tokenizer = word_level_clip_tokenizer(TINY_WORDS)
+    tokenizer = build_tokenizer(TINY_WORDS)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -144,7 +96,7 @@ def build_tiny_pipeline(folder: str | Path, prediction_type: str = "epsilon", se
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
     text_encoder.save_pretrained(folder / "text_encoder")
-    tokenizer.save_pretrained(folder / "tokenizer")
+    save_tokenizer(tokenizer, str(folder / "tokenizer"))
     scheduler.save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps(model_index(diffusers.__version__), indent=2))
     # Edit defaults stored with the model: a tiny model works on tiny images.

@@ -1,4 +1,4 @@
-"""A CLIPTokenizer over the shapes world's vocabulary, in which every world word is one token.
+"""A CLIPTokenizer in which every given word is one token: the shapes world's, or the tiny test pipeline's.
 
 CLIP's tokenizer is byte-level BPE whose word-final symbols carry a ``</w>`` suffix. The vocabulary
 here holds the two special tokens, every lowercase letter, digit and common punctuation mark (plain
