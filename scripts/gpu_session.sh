@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # One borrowed-GPU call: train the shapes UNet on the GPU (VAE taken from the bundled model), evaluate it
 # against the bundled model on the same cases, run the sd15 speed benchmark, then a settings grid.
-# Usage (device machine, repo root; .whl/ holds diffusers' wheels where diffusers is missing):
-#   UNET_MINUTES=3.5 bash scripts/gpu_session.sh      # results in $OUT
+# Usage (device machine, repo root; .whl/ holds diffusers' wheels where diffusers is missing, made where pip
+# works with: pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+#   --platform manylinux_2_17_x86_64 -d .whl diffusers==0.42.1 importlib_metadata):
+#   UNET_MINUTES=3.5 bash scripts/gpu_session.sh      # results in $OUT (about 4 min + UNET_MINUTES on an H200)
+# BENCH_SECONDS=0 skips the sd15 benchmark (already in the README), TUNE_SECONDS=0 the grid.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -24,20 +27,23 @@ timeout "${TRAIN_SECONDS:-$(python3 -c "print(int(${UNET_MINUTES:-3.5} * 60 + 15
 
 mkdir -p /tmp/eval
 for model in shapes $RUN/final; do
-  name=$(basename "$(dirname $model)"); [ "$model" = shapes ] && name=v1
+  name=$(basename "$(dirname $model)"); [ "$model" = shapes ] && name=bundled
   [ -e "$model" ] || [ "$model" = shapes ] || continue
   timeout 120 python3 -m ddsedit eval-shapes --model "$model" --cases "${EVAL_CASES:-40}" --swaps 8 --batch-size 40 \
     --device "${DEVICE:-cuda}" --out-dir /tmp/eval/$name 2>&1 | tee /tmp/eval/$name.txt
 done
 tar -C /tmp -cf "$OUT/eval.tar" eval
 
-mkdir -p /tmp/bench
-OUT=/tmp/bench timeout ${BENCH_SECONDS:-240} bash benchmarks/gpu_check.sh 2>&1 | tail -40 > /tmp/bench/log.txt
-tar -C /tmp -cf "$OUT/bench.tar" bench
-cat /tmp/bench/*.txt
+# BENCH_SECONDS=0 / TUNE_SECONDS=0 skip a step (`timeout 0` would mean no limit at all)
+if [ "${BENCH_SECONDS:-240}" -gt 0 ]; then
+  mkdir -p /tmp/bench
+  OUT=/tmp/bench timeout "${BENCH_SECONDS:-240}" bash benchmarks/gpu_check.sh 2>&1 | tail -40 > /tmp/bench/log.txt
+  tar -C /tmp -cf "$OUT/bench.tar" bench
+  cat /tmp/bench/*.txt
+fi
 
 # Settings grid for the new model's edit defaults (partial results are kept if the time runs out).
-[ -d $RUN/final ] && timeout ${TUNE_SECONDS:-90} python3 -m ddsedit.shapes.tune --model $RUN/final --cases 40 \
+[ -d $RUN/final ] && [ "${TUNE_SECONDS:-90}" -gt 0 ] && timeout "${TUNE_SECONDS:-90}" python3 -m ddsedit.shapes.tune --model $RUN/final --cases 40 \
   --batch-size 40 --device "${DEVICE:-cuda}" --methods dds,sds --out "$OUT/tune.jsonl" \
   --grid '{"lr": [0.05, 0.1, 0.2], "guidance": [7.5, 15], "t_max": [500, 750, 950]}' > /dev/null 2>&1
 echo "done at $(date)"
