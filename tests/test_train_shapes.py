@@ -166,3 +166,12 @@ def test_latent_pool_is_the_same_whatever_the_number_of_workers(tiny_run):
     torch.testing.assert_close(one.mean, two.mean)
     assert (one.labels == two.labels).all()
     assert not torch.equal(one.mean, other_seed.mean)
+
+
+def test_a_run_started_from_another_vae_resumes(tiny_run, tmp_path):
+    source = tiny_run[0] / "final"
+    run_tiny(tmp_path, "--init-vae", str(source), "--stop-after", "2")
+    assert torch.load(tmp_path / train.CHECKPOINT, weights_only=False)["phase"] == "unet"
+    run_tiny(tmp_path, "--resume")  # no --init-vae: the run's recorded config and weights are taken
+    info = json.loads((tmp_path / "final" / "train_info.json").read_text())
+    assert info["config"]["init_vae"] == str(source) and info["config"]["vae_steps"] == 0

@@ -58,6 +58,7 @@ CALIBRATION_STEPS = 100
 CALIBRATION_MARGIN = 0.85
 
 PHASES = ("vae", "unet", "done")
+RUN_TIME_FIELDS = ("init_vae", "vae_steps", "unet_steps")  # config fields that --init-vae / --unet-minutes set
 CHECKPOINT = "checkpoint.pt"
 LATENTS = "latents.pt"
 
@@ -150,8 +151,13 @@ class Trainer:
             self.cfg = TrainConfig.from_dict(ckpt["config"])
             if ckpt["phase"] != "done":
                 raise SystemExit(f"{path} is not a finished run: finish it with --resume first")
-        elif ckpt["config"] != self.cfg.to_dict():
-            raise SystemExit(f"{path} was made with another config; resume with the same --config and --seed")
+        else:
+            # --init-vae and --unet-minutes set these while the run starts: take what the run recorded
+            saved = TrainConfig.from_dict(ckpt["config"])
+            for name in RUN_TIME_FIELDS:
+                setattr(self.cfg, name, getattr(saved, name))
+            if ckpt["config"] != self.cfg.to_dict():
+                raise SystemExit(f"{path} was made with another config; resume with the same --config and --seed")
         self.phase, self.step = ckpt["phase"], ckpt["step"]
         if extend_unet:
             self.phase, self.step = "unet", self.cfg.unet_steps
