@@ -4,7 +4,7 @@
 # Usage (device machine, repo root; .whl/ holds diffusers' wheels where diffusers is missing, made where pip
 # works with: pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
 #   --platform manylinux_2_17_x86_64 -d .whl diffusers==0.42.1 importlib_metadata):
-#   UNET_MINUTES=3.5 bash scripts/gpu_session.sh      # results in $OUT (about 4 min + UNET_MINUTES on an H200)
+#   UNET_MINUTES=3.5 bash scripts/gpu_session.sh      # results in $OUT; the UNet phase takes UNET_MINUTES after ~80 s of start-up and pool
 # BENCH_SECONDS=0 skips the sd15 benchmark (already in the README), TUNE_SECONDS=0 the grid.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
