@@ -63,6 +63,7 @@ class BenchReport:
     timed_steps: int
     edit_steps: int
     compile_seconds: float | None
+    engine_options: str = ""  # how the ddsedit loop ran: "eager", "cuda-graph", "compile (mode)"
     loops: list[LoopResult] = field(default_factory=list)
     ratios: dict[str, float] = field(default_factory=dict)
     images_per_second: dict[str, float] = field(default_factory=dict)
@@ -180,8 +181,8 @@ def reference_loop(unet, source, embeddings, alphas, prediction_type, settings, 
     return latents.detach(), step_times, first_gradient
 
 
-def engine_loop(unet, source, embeddings, alphas, prediction_type, settings, steps, seed):
-    """ddsedit's own loop, timed per step through its callback."""
+def engine_loop(unet, source, embeddings, alphas, prediction_type, settings, steps, seed, cuda_graph=False):
+    """ddsedit's own loop, timed per step through its callback (a CUDA graph is recorded before step 1)."""
     device = source.device
     generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(source.shape[0])]
     step_times: list[float] = []
@@ -199,14 +200,15 @@ def engine_loop(unet, source, embeddings, alphas, prediction_type, settings, ste
     first_gradient = None
     # The first step on its own, to read the gradient the engine applies.
     first = distill(unet, source, embeddings, alphas, prediction_type, one_step,
-                    [torch.Generator(device=device).manual_seed(seed + i) for i in range(source.shape[0])])  # fmt: skip
+                    [torch.Generator(device=device).manual_seed(seed + i) for i in range(source.shape[0])],
+                    cuda_graph=cuda_graph)  # fmt: skip
     first_gradient = (source - first) / (settings.lr * scores.GRADIENT_SCALE)
     synchronize(device)
     last[0] = time.perf_counter()
     latents = distill(
         unet, source, embeddings, alphas, prediction_type,
         LoopSettings(settings.method, steps, settings.guidance, settings.lr, settings.t_min, settings.t_max),
-        generators, on_step=on_step,
+        generators, on_step=on_step, cuda_graph=cuda_graph,
     )  # fmt: skip
     return latents, step_times, first_gradient
 
@@ -249,7 +251,7 @@ def run(args: argparse.Namespace) -> BenchReport:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = BenchReport(
         args.arch, str(device), device_name, str(dtype).removeprefix("torch."), args.size, count,
-        args.steps, args.edit_steps, None,
+        args.steps, args.edit_steps, None, engine_options(args),
     )  # fmt: skip
     results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     half = dtype if dtype != torch.float32 else (torch.bfloat16 if device.type == "cpu" else torch.float16)
@@ -261,16 +263,17 @@ def run(args: argparse.Namespace) -> BenchReport:
                 engine_unet = engine_unet.to(memory_format=torch.channels_last)
             if args.compile:
                 start = time.perf_counter()
-                engine_unet = torch.compile(engine_unet)
+                engine_unet = torch.compile(engine_unet, mode=args.compile_mode)
                 engine_loop(engine_unet, source, embeddings_as(embeddings32, dtype), alphas, prediction_type,
                             settings, 2, args.seed)  # fmt: skip
                 report.compile_seconds = time.perf_counter() - start
             embeddings = embeddings_as(embeddings32, dtype)
-            engine_loop(engine_unet, source, embeddings, alphas, prediction_type, settings, args.warmup, args.seed)
+            engine_loop(engine_unet, source, embeddings, alphas, prediction_type, settings, args.warmup, args.seed,
+                        cuda_graph=args.cuda_graph)  # fmt: skip
             reset_peak_memory(device)
             latents, step_times, first_gradient = engine_loop(
                 engine_unet, source, embeddings, alphas, prediction_type, settings,
-                args.warmup + args.steps, args.seed,
+                args.warmup + args.steps, args.seed, cuda_graph=args.cuda_graph,
             )  # fmt: skip
             step_times = step_times[args.warmup :]
             vae_seconds = time_vae(vae, pixels, dtype, device)
@@ -317,6 +320,12 @@ def run(args: argparse.Namespace) -> BenchReport:
     return report
 
 
+def engine_options(args: argparse.Namespace) -> str:
+    if args.compile:
+        return f"compile ({args.compile_mode})"
+    return "cuda-graph" if args.cuda_graph else "eager"
+
+
 def embeddings_as(embeddings: PromptEmbeddings, dtype: torch.dtype) -> PromptEmbeddings:
     return PromptEmbeddings(
         *(part.to(dtype) for part in (embeddings.unconditional, embeddings.source, embeddings.target))
@@ -326,7 +335,7 @@ def embeddings_as(embeddings: PromptEmbeddings, dtype: torch.dtype) -> PromptEmb
 def format_table(report: BenchReport) -> str:
     lines = [
         f"{report.arch} {report.size}x{report.size}, batch {report.batch_size}, {report.device_name}, "
-        f"dtype {report.dtype}, {report.timed_steps} timed steps",
+        f"dtype {report.dtype}, {report.timed_steps} timed steps, ddsedit loop: {report.engine_options}",
         "| loop | ms/step | s/edit (200 steps + VAE) | peak memory MiB | gradient cosine | final latent rel. error |",
         "|---|---|---|---|---|---|",
     ]
@@ -355,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action="store_true", help="torch.compile the engine's UNet")
+    parser.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
+                        help="torch.compile mode (reduce-overhead adds CUDA graphs)")
+    parser.add_argument("--cuda-graph", action="store_true", help="the engine records one step as a CUDA graph")
     parser.add_argument("--loops", nargs="+", default=list(LOOPS), choices=LOOPS)
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
     args = parser.parse_args(argv)

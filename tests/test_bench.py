@@ -25,3 +25,17 @@ def test_benchmark_runs_and_loops_agree(tmp_path, capsys) -> None:
     assert loops["reference-batch4"]["first_gradient_cosine"] > 0.8
     assert all(loop["ms_per_step"] > 0 for loop in loops.values())
     assert "speedup_vs_reference-2call" in report["ratios"]
+
+
+def test_benchmark_records_how_the_engine_ran(tmp_path, capsys) -> None:
+    """--cuda-graph runs the fixed-buffer loop (recorded only on CUDA) and it still matches the reference."""
+    report_path = tmp_path / "bench.json"
+    bench_dds.main(
+        ["--arch", "tiny", "--size", "16", "--device", "cpu", "--dtype", "fp32", "--steps", "2", "--warmup", "1",
+         "--cuda-graph", "--loops", "reference-2call", "ddsedit", "--json", str(report_path)]
+    )  # fmt: skip
+    assert "ddsedit loop: cuda-graph" in capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    assert report["engine_options"] == "cuda-graph"
+    engine = next(loop for loop in report["loops"] if loop["name"] == "ddsedit")
+    assert engine["final_latent_relative_error"] < 1e-3

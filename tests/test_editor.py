@@ -194,3 +194,10 @@ def test_cpu_offload_gives_the_same_edit(tiny_model_dir, circle_image) -> None:
     first = plain.dds(circle_image, ref="a red circle", query="a blue circle", steps=3, seed=2)
     second = offloaded.dds(circle_image, ref="a red circle", query="a blue circle", steps=3, seed=2)
     assert np.array_equal(_pixels(first), _pixels(second))
+
+
+def test_cuda_graph_is_refused_where_it_cannot_run(tiny_model_dir) -> None:
+    with pytest.raises(InputError, match="needs a CUDA device"):
+        Editor.from_pretrained(tiny_model_dir, device="cpu", cuda_graph=True)
+    with pytest.raises(InputError, match="cannot be combined"):
+        Editor.from_pretrained(tiny_model_dir, device="cpu", cuda_graph=True, compile_unet=True)

@@ -150,3 +150,34 @@ def test_an_image_in_a_batch_gets_the_draws_it_gets_alone() -> None:
             [torch.Generator().manual_seed(seed)],
         )  # fmt: skip
         torch.testing.assert_close(batched[index : index + 1], alone)
+
+
+def test_the_replayed_loop_matches_the_plain_loop(tiny_editor) -> None:
+    """The CUDA-graph loop's fixed buffers (run here without recording) give the plain loop's latents."""
+    unet = tiny_editor.components.unet
+    channels, side = unet.config.in_channels, unet.config.sample_size
+    sources = torch.randn(2, channels, side, side, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(3, 1, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    embeddings = PromptEmbeddings(*(rows.expand(2, -1, -1) for rows in text))
+    mask = torch.zeros(1, 1, side, side)
+    mask[..., : side // 2] = 1.0
+    alphas = tiny_editor.components.alphas_cumprod
+    for method, step_mask in (("dds", None), ("sds", None), ("masked-dds", mask)):
+        settings = LoopSettings(method=method, steps=5)
+        seen: list[tuple[int, torch.Tensor]] = []
+
+        def record(step: int, latents: torch.Tensor, seen: list = seen) -> None:
+            seen.append((step, latents.clone()))
+
+        results = [
+            distill(
+                unet, sources, embeddings, alphas, "epsilon", settings,
+                [torch.Generator().manual_seed(seed) for seed in (3, 4)], mask=step_mask,
+                on_step=record if replayed else None, cuda_graph=replayed,
+            )  # fmt: skip
+            for replayed in (False, True)
+        ]
+        torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+        assert not torch.equal(results[0], sources)
+        assert [step for step, _ in seen] == [1, 2, 3, 4, 5]
+        torch.testing.assert_close(seen[-1][1], results[0], rtol=0, atol=0)

@@ -185,6 +185,9 @@ def _edit_template(
     compile_unet: Annotated[
         bool, typer.Option("--compile", help="torch.compile the UNet: slower start, faster steps on a GPU.")
     ] = False,
+    cuda_graph: Annotated[
+        bool, typer.Option("--cuda-graph", help="Record one step as a CUDA graph and replay it (CUDA only).")
+    ] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bar or notes; errors only.")
     ] = False,
@@ -216,7 +219,8 @@ def _run_edit(
     t_min: int | None, t_max: int | None, seed: int | None, negative: str | None, size: int | None,
     keep_working_size: bool, paste_back: bool = True, feather: float | None = None, save_every: int | None,
     frames: Path | None, animation: Path | None, overwrite: bool, allow_pickle: bool,
-    prediction_type: str | None, cpu_offload: bool, compile_unet: bool, quiet: bool, verbose: bool,
+    prediction_type: str | None, cpu_offload: bool, compile_unet: bool, cuda_graph: bool, quiet: bool,
+    verbose: bool,
 ) -> None:  # fmt: skip
     if not query.strip():
         raise InputError("--query must not be empty")
@@ -265,7 +269,7 @@ def _run_edit(
         editor = Editor.from_pretrained(
             model, device=device, dtype=dtype, allow_pickle=allow_pickle,
             prediction_type=prediction_type, keep_text_encoder=False, cpu_offload=cpu_offload,
-            compile_unet=compile_unet,
+            compile_unet=compile_unet, cuda_graph=cuda_graph,
         )  # fmt: skip
     config = editor.config(**overrides)
     with _progress(quiet, method) as on_progress:

@@ -25,7 +25,7 @@ from PIL import Image
 
 from ddsedit import __version__, imageio
 from ddsedit.errors import DDSEditError, InputError
-from ddsedit.loading import ModelComponents, load_model
+from ddsedit.loading import ModelComponents, load_model, resolve_device
 from ddsedit.optimize import METHODS, LoopSettings, PromptEmbeddings, distill
 
 ImageLike = str | os.PathLike | Image.Image
@@ -163,11 +163,12 @@ class Editor:
     """A loaded model that edits images. Create it with :meth:`from_pretrained`."""
 
     def __init__(self, components: ModelComponents, device: torch.device, dtype: torch.dtype,
-                 keep_text_encoder: bool = True) -> None:  # fmt: skip
+                 keep_text_encoder: bool = True, cuda_graph: bool = False) -> None:  # fmt: skip
         self.components = components
         self.device = device
         self.dtype = dtype
         self.keep_text_encoder = keep_text_encoder
+        self.cuda_graph = cuda_graph
         self._embedding_cache: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -181,6 +182,7 @@ class Editor:
         keep_text_encoder: bool = True,
         cpu_offload: bool = False,
         compile_unet: bool = False,
+        cuda_graph: bool = False,
     ) -> Editor:
         """Load ``model`` (bundled name, diffusers folder, .safetensors file or hub id).
 
@@ -189,15 +191,22 @@ class Editor:
         freed after the first prompts are encoded, saving memory for a one-shot edit.
         ``cpu_offload`` keeps the weights in CPU memory and moves each module to the device
         only while it runs (accelerate), for small GPUs; ``compile_unet`` wraps the UNet in
-        ``torch.compile`` (the first steps then pay the compile time).
+        ``torch.compile`` (the first steps then pay the compile time); ``cuda_graph`` records
+        one optimisation step as a CUDA graph and replays it (CUDA only; not with
+        ``cpu_offload`` or ``compile_unet``).
         """
+        if cuda_graph:
+            if cpu_offload or compile_unet:
+                raise InputError("--cuda-graph cannot be combined with --cpu-offload or --compile")
+            if resolve_device(device).type != "cuda":
+                raise InputError("--cuda-graph needs a CUDA device")
         components, torch_device, torch_dtype = load_model(
             model, device=device, dtype=dtype, allow_pickle=allow_pickle, prediction_type=prediction_type,
             cpu_offload=cpu_offload,
         )  # fmt: skip
         if compile_unet:
             components.unet = torch.compile(components.unet)
-        return cls(components, torch_device, torch_dtype, keep_text_encoder=keep_text_encoder)
+        return cls(components, torch_device, torch_dtype, keep_text_encoder=keep_text_encoder, cuda_graph=cuda_graph)
 
     # ------------------------------------------------------------------ settings
 
@@ -350,6 +359,7 @@ class Editor:
         latents = distill(
             self.components.unet, source_latents, prompt_embeddings, self.components.alphas_cumprod,
             self.components.prediction_type, settings, generators, mask=latent_mask, on_step=on_step,
+            cuda_graph=self.cuda_graph,
         )  # fmt: skip
         decoded = self.decode_latents(latents)
         return [

@@ -100,6 +100,23 @@ def distillation_gradient(
     return scores.dds_gradient(target, source)
 
 
+def draw_step(
+    generators: list[torch.Generator], settings: LoopSettings, image_shape: tuple[int, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's timesteps [K] and noise [K, C, h, w]: each image draws from its own generator.
+
+    Drawn on the device from seeded generators: reproducible, and no host sync.
+    """
+    draws = [
+        (
+            torch.randint(settings.t_min, settings.t_max, (1,), generator=generator, device=device),
+            torch.randn(image_shape, generator=generator, device=device, dtype=torch.float32),
+        )
+        for generator in generators
+    ]
+    return torch.cat([t for t, _ in draws]), torch.cat([n for _, n in draws])
+
+
 def distill(
     unet: torch.nn.Module,
     source_latents: torch.Tensor,
@@ -110,6 +127,7 @@ def distill(
     generators: list[torch.Generator],
     mask: torch.Tensor | None = None,
     on_step: StepCallback | None = None,
+    cuda_graph: bool = False,
 ) -> torch.Tensor:
     """Optimise latents [K, C, h, w] starting from ``source_latents`` and return them (fp32).
 
@@ -119,34 +137,85 @@ def distill(
     ``mask`` ([K or 1, 1, h, w] in [0, 1]) scales the gradient, so that masked DDS only
     moves the latents where the mask is white. ``on_step(step, latents)`` is called after
     each update (1-based step), e.g. for a progress bar or intermediate frames.
+
+    ``cuda_graph`` records one step (UNet call, guidance, gradient, update) as a CUDA graph
+    and replays it: the same kernels on the same numbers, without launching each of the
+    UNet's many kernels from Python every step. On a device other than CUDA the same
+    static-buffer loop runs without recording (the tests check it against the plain loop).
     """
     device = source_latents.device
     alphas_cumprod = alphas_cumprod.to(device=device, dtype=torch.float32)
     source_latents = source_latents.float()
-    latents = source_latents.clone()
     gradient_method = "sds" if settings.method == "sds" else "dds"
     if len(generators) != source_latents.shape[0]:
         raise ValueError(f"need one generator per image: {len(generators)} for {source_latents.shape[0]} images")
     image_shape = (1, *source_latents.shape[1:])
+
+    def update(latents: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        gradient = distillation_gradient(
+            unet, latents, source_latents, embeddings, timesteps, noise,
+            alphas_cumprod, prediction_type, gradient_method, settings.guidance,
+        )  # fmt: skip
+        if mask is not None:
+            gradient = gradient * mask
+        return scores.sgd_step(latents, gradient, settings.lr)
+
     with torch.no_grad():
+        if cuda_graph:
+            return _distill_replayed(update, source_latents, generators, settings, image_shape, on_step)
+        latents = source_latents.clone()
         for step in range(1, settings.steps + 1):
-            # Drawn on the device from seeded generators: reproducible and no host sync.
-            draws = [
-                (
-                    torch.randint(settings.t_min, settings.t_max, (1,), generator=generator, device=device),
-                    torch.randn(image_shape, generator=generator, device=device, dtype=torch.float32),
-                )
-                for generator in generators
-            ]
-            timesteps = torch.cat([t for t, _ in draws])
-            noise = torch.cat([n for _, n in draws])
-            gradient = distillation_gradient(
-                unet, latents, source_latents, embeddings, timesteps, noise,
-                alphas_cumprod, prediction_type, gradient_method, settings.guidance,
-            )  # fmt: skip
-            if mask is not None:
-                gradient = gradient * mask
-            latents = scores.sgd_step(latents, gradient, settings.lr)
+            timesteps, noise = draw_step(generators, settings, image_shape, device)
+            latents = update(latents, timesteps, noise)
             if on_step is not None:
                 on_step(step, latents)
     return latents
+
+
+def _distill_replayed(
+    update: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    source_latents: torch.Tensor,
+    generators: list[torch.Generator],
+    settings: LoopSettings,
+    image_shape: tuple[int, ...],
+    on_step: StepCallback | None,
+) -> torch.Tensor:
+    """The loop over fixed buffers: each step copies its draws in and replays the recorded update.
+
+    A CUDA graph replays kernels on fixed addresses, so the latents, timesteps and noise
+    live in buffers that the step reads and overwrites in place.
+    """
+    device = source_latents.device
+    latents = source_latents.clone()
+    timesteps, noise = draw_step(generators, settings, image_shape, device)
+    timestep_buffer, noise_buffer = torch.empty_like(timesteps), torch.empty_like(noise)
+
+    def step_in_place() -> None:
+        latents.copy_(update(latents, timestep_buffer, noise_buffer))
+
+    replay = step_in_place
+    if device.type == "cuda":
+        # Warm-up on a side stream (allocator and library workspaces settle), as CUDA graph
+        # capture requires; the warm-up's update is undone before the real steps.
+        timestep_buffer.copy_(timesteps)
+        noise_buffer.copy_(noise)
+        side_stream = torch.cuda.Stream(device)
+        side_stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side_stream):
+            for _ in range(2):
+                step_in_place()
+        torch.cuda.current_stream(device).wait_stream(side_stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step_in_place()
+        latents.copy_(source_latents)
+        replay = graph.replay
+    for step in range(1, settings.steps + 1):
+        if step > 1:
+            timesteps, noise = draw_step(generators, settings, image_shape, device)
+        timestep_buffer.copy_(timesteps)
+        noise_buffer.copy_(noise)
+        replay()
+        if on_step is not None:
+            on_step(step, latents)
+    return latents.clone()
