@@ -77,6 +77,21 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def reconstruction_loss(
+    recon: torch.Tensor, images: torch.Tensor, masks: torch.Tensor, dots: torch.Tensor,
+    shape_weight: float, dot_weight: float,
+) -> torch.Tensor:  # fmt: skip
+    """L1 + MSE with shape pixels (and a 1 px ring) weighted `shape_weight` and grey-dot pixels `dot_weight`.
+
+    The weights keep small things right: without them the loss is ruled by the background.
+    """
+    near_shape = F.max_pool2d(masks.float(), 3, stride=1, padding=1)  # the shape and a 1 px ring
+    weight = 1 + (shape_weight - 1) * near_shape + (dot_weight - 1) * dots.float()
+    diff = recon - images
+    err = diff.abs() + diff.pow(2)
+    return (weight * err).sum() / (weight.sum() * images.shape[1])
+
+
 class Trainer:
     """Owns the models, optimizers and progress of one run; `run()` does every remaining phase."""
 
@@ -185,13 +200,9 @@ class Trainer:
         cfg = self.cfg
         posterior = self.vae.encode(images).latent_dist
         recon = self.vae.decode(posterior.mean + posterior.std * self._randn(posterior.mean.shape, gen)).sample
-        near_shape = F.max_pool2d(masks.float(), 3, stride=1, padding=1)  # the shape and a 1 px ring
-        weight = 1 + (cfg.vae_shape_weight - 1) * near_shape + (cfg.vae_dot_weight - 1) * dots.float()
-        diff = recon - images
-        err = diff.abs() + diff.pow(2)
-        rec = (weight * err).sum() / (weight.sum() * images.shape[1])
+        rec = reconstruction_loss(recon, images, masks, dots, cfg.vae_shape_weight, cfg.vae_dot_weight)
         kl = posterior.kl().mean()
-        return rec + cfg.vae_kl_weight * kl, diff.abs().mean()
+        return rec + cfg.vae_kl_weight * kl, (recon - images).abs().mean()
 
     def train_vae(self, progress: Progress, budget: int | None) -> int:
         cfg = self.cfg
