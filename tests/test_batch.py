@@ -449,3 +449,15 @@ def test_two_cpu_processes_through_accelerate_launch_split_the_rows(
     assert by_rank == {0: [1, 2, 3], 1: [4, 5]}  # split_between_processes: no overlap, nothing left out
     assert all(record["status"] == "done" for record in records) and len({r["run"] for r in records}) == 1
     assert sorted(result.stdout.splitlines()) == sorted(str(out_dir / f"edit{i}.png") for i in range(rows))
+
+
+def test_cuda_graph_on_a_cpu_is_one_clear_error_and_reaches_child_processes(
+    tmp_path: Path, images: Path, tiny_model_dir
+) -> None:
+    manifest = _write_jsonl(tmp_path / "manifest.jsonl", _rows(1))
+    result = _batch(manifest, tmp_path / "out", tiny_model_dir, "--device", "cpu", "--cuda-graph")
+    assert result.exit_code == 2
+    assert "--cuda-graph needs a CUDA device" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "edit0.png").exists()
+    options = batch.BatchOptions(manifest=manifest, out_dir=tmp_path / "out", cuda_graph=True)
+    assert "--cuda-graph" in options.child_arguments()

@@ -388,6 +388,7 @@ class BatchOptions:
     overwrite: bool = False
     allow_pickle: bool = False
     prediction_type: str | None = None
+    cuda_graph: bool = False
     quiet: bool = False
     verbose: bool = False
 
@@ -410,7 +411,7 @@ class BatchOptions:
                 arguments += [flag, str(value)]
         switches = {
             "--skip-invalid": self.skip_invalid, "--overwrite": self.overwrite, "--allow-pickle": self.allow_pickle,
-            "--quiet": self.quiet, "--verbose": self.verbose,
+            "--cuda-graph": self.cuda_graph, "--quiet": self.quiet, "--verbose": self.verbose,
         }  # fmt: skip
         return arguments + [flag for flag, on in switches.items() if on]
 
@@ -615,7 +616,7 @@ def _work(context: _Run, jobs: list[Job], device: str, feed: _RankFeed | None) -
     context.display.row_started("loading model", None)
     editor = Editor.from_pretrained(
         options.model, device=device, dtype=options.dtype, allow_pickle=options.allow_pickle,
-        prediction_type=options.prediction_type, keep_text_encoder=True,
+        prediction_type=options.prediction_type, keep_text_encoder=True, cuda_graph=options.cuda_graph,
     )  # fmt: skip
     last_poll = 0.0
 

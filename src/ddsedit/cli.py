@@ -505,6 +505,9 @@ def batch_command(
             "--prediction-type", help="Override the model's: epsilon or v_prediction.", show_default=False
         ),
     ] = None,
+    cuda_graph: Annotated[
+        bool, typer.Option("--cuda-graph", help="Record one step as a CUDA graph and replay it (CUDA only).")
+    ] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bars or summary; errors only.")
     ] = False,
@@ -525,7 +528,8 @@ def batch_command(
             manifest=manifest, out_dir=out_dir, model=model, device=device, dtype=dtype, steps=steps,
             guidance=guidance, lr=lr, t_min=t_min, t_max=t_max, seed=seed, negative=negative, size=size,
             batch_size=batch_size, processes=processes, skip_invalid=skip_invalid, overwrite=overwrite,
-            allow_pickle=allow_pickle, prediction_type=prediction_type, quiet=quiet, verbose=verbose,
+            allow_pickle=allow_pickle, prediction_type=prediction_type, cuda_graph=cuda_graph, quiet=quiet,
+            verbose=verbose,
         )  # fmt: skip
         exit_code = run_batch(options, console=stderr, emit=typer.echo)
     except KeyboardInterrupt:
