@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from ddsedit import imageio
-from ddsedit.editor import EditConfig, Editor, save_result
+from ddsedit.editor import EditConfig, Editor, EditRequest, save_result
 from ddsedit.errors import InputError
 
 
@@ -201,3 +201,18 @@ def test_cuda_graph_is_refused_where_it_cannot_run(tiny_model_dir) -> None:
         Editor.from_pretrained(tiny_model_dir, device="cpu", cuda_graph=True)
     with pytest.raises(InputError, match="cannot be combined"):
         Editor.from_pretrained(tiny_model_dir, device="cpu", cuda_graph=True, compile_unet=True)
+
+
+def test_an_edit_can_start_from_another_image(tiny_editor: Editor, circle_image) -> None:
+    """``start`` moves where the optimisation begins; the source still anchors DDS."""
+    config = tiny_editor.config(steps=2, seed=5, lr=0.01)
+    plain = tiny_editor.edit_batch([EditRequest(circle_image, query="a blue circle", ref="a red circle")], "dds",
+                                   config=config)[0]  # fmt: skip
+    same = tiny_editor.edit_batch([EditRequest(circle_image, query="a blue circle", ref="a red circle",
+                                               start=circle_image)], "dds", config=config)[0]  # fmt: skip
+    assert np.array_equal(_pixels(plain.image), _pixels(same.image))
+    other = Image.new("RGB", circle_image.size, (20, 200, 20))
+    started = tiny_editor.edit_batch([EditRequest(circle_image, query="a blue circle", ref="a red circle",
+                                                  start=other)], "dds", config=config)[0]  # fmt: skip
+    green = _pixels(other)
+    assert np.abs(_pixels(started.image) - green).mean() < np.abs(_pixels(plain.image) - green).mean()

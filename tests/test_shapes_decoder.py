@@ -42,5 +42,6 @@ def test_hardening_changes_the_decoder_only(tiny_model, tmp_path) -> None:
     info = json.loads((out / "train_info.json").read_text())
     assert info["decoder"] == record and record["config"]["steps"] == 3
     assert not (tmp_path / "hardened.partial").exists()
+    assert "_name_or_path" not in json.loads((out / "vae" / "config.json").read_text())
     with pytest.raises(FileExistsError):
         decoder.harden_model(tiny_model, out, decoder.DecoderConfig(steps=1, batch=2))

@@ -367,6 +367,9 @@ def eval_shapes_command(
     t_min: Annotated[int | None, typer.Option("--t-min", show_default=False)] = None,
     t_max: Annotated[int | None, typer.Option("--t-max", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per UNet call.")] = 8,
+    hold: Annotated[
+        bool, typer.Option("--hold/--no-hold", help="Also run DDS from the right answer: what DDS can reach.")
+    ] = True,
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Where report.json and grid.png go.")] = Path(
         "shapes-eval"
     ),
@@ -386,8 +389,9 @@ def eval_shapes_command(
         editor = Editor.from_pretrained(model, device=device, dtype=dtype)
         config = editor.config(steps=steps, guidance=guidance, lr=lr, t_min=t_min, t_max=t_max)
         config.validate(editor.components.num_train_timesteps)
-        with stderr.status(f"editing {cases} cases x 3 methods + {2 * swaps} swaps...", spinner="dots"):
-            report, picture = evaluate(editor, cases, seed, config, swaps=swaps, batch_size=batch_size)
+        runs = f"{cases} cases x {4 if hold else 3} runs + {2 * swaps} swaps"
+        with stderr.status(f"editing {runs}...", spinner="dots"):
+            report, picture = evaluate(editor, cases, seed, config, swaps=swaps, batch_size=batch_size, hold=hold)
         json_path, grid_path = write_report(report, picture, out_dir)
     except typer.Exit:
         raise

@@ -132,13 +132,18 @@ def edit_parameters(method: str, ref: str, query: str, seed: int, config: EditCo
 
 @dataclass
 class EditRequest:
-    """One image to edit in a batch: its prompts, its mask (masked-dds) and optionally its own seed."""
+    """One image to edit in a batch: its prompts, its mask (masked-dds) and optionally its own seed.
+
+    ``start`` (optional) is the image the optimisation starts from instead of ``image``, e.g. an
+    earlier result to continue; ``image`` stays the source that DDS compares against.
+    """
 
     image: ImageLike
     query: str
     ref: str | None = None
     mask: ImageLike | None = None
     seed: int | None = None  # None: the config's seed (or a random one)
+    start: ImageLike | None = None
 
 
 @dataclass
@@ -151,6 +156,10 @@ class _Prepared:
     mask: Image.Image | None
     seed: int
     working_size: tuple[int, int]
+
+
+def _load_rgb(image: ImageLike) -> Image.Image:
+    return (image if isinstance(image, Image.Image) else imageio.load_image(image)).convert("RGB")
 
 
 def _check_prompt(prompt: str, flag: str) -> str:
@@ -335,6 +344,14 @@ class Editor:
         )
         pixels = torch.cat([imageio.image_to_tensor(item.source, working) for item in prepared])
         source_latents = self.encode_image(pixels)
+        initial_latents = None
+        if any(request.start is not None for request in requests):
+            starts = [
+                item.source if request.start is None else _load_rgb(request.start)
+                for request, item in zip(requests, prepared, strict=True)
+            ]
+            start_pixels = torch.cat([imageio.image_to_tensor(start, working) for start in starts])
+            initial_latents = self.encode_image(start_pixels)
         latent_mask = None
         if method == "masked-dds":
             latent_size = (source_latents.shape[-1], source_latents.shape[-2])
@@ -359,7 +376,7 @@ class Editor:
         latents = distill(
             self.components.unet, source_latents, prompt_embeddings, self.components.alphas_cumprod,
             self.components.prediction_type, settings, generators, mask=latent_mask, on_step=on_step,
-            cuda_graph=self.cuda_graph,
+            cuda_graph=self.cuda_graph, initial_latents=initial_latents,
         )  # fmt: skip
         decoded = self.decode_latents(latents)
         return [
@@ -371,8 +388,7 @@ class Editor:
         """Check one request and load its image and mask."""
         query = _check_prompt(request.query, "--query")
         ref = _check_prompt(request.ref or "", "--ref") if method != "sds" else ""
-        image = request.image
-        source = (image if isinstance(image, Image.Image) else imageio.load_image(image)).convert("RGB")
+        source = _load_rgb(request.image)
         binary_mask = None
         if method == "masked-dds":
             if request.mask is None:

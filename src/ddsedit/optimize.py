@@ -128,8 +128,12 @@ def distill(
     mask: torch.Tensor | None = None,
     on_step: StepCallback | None = None,
     cuda_graph: bool = False,
+    initial_latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Optimise latents [K, C, h, w] starting from ``source_latents`` and return them (fp32).
+
+    ``initial_latents`` (same shape) starts the optimisation elsewhere, e.g. from an earlier
+    result; the DDS source branch still uses ``source_latents``.
 
     ``generators`` holds one seeded generator per image: each image draws its own timestep
     and noise, so an image gets the same draws whether it is edited alone or in a batch.
@@ -150,6 +154,9 @@ def distill(
     if len(generators) != source_latents.shape[0]:
         raise ValueError(f"need one generator per image: {len(generators)} for {source_latents.shape[0]} images")
     image_shape = (1, *source_latents.shape[1:])
+    start = source_latents if initial_latents is None else initial_latents.to(device=device, dtype=torch.float32)
+    if start.shape != source_latents.shape:
+        raise ValueError(f"initial latents {tuple(start.shape)} differ from the source's {tuple(source_latents.shape)}")
 
     def update(latents: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         gradient = distillation_gradient(
@@ -162,8 +169,8 @@ def distill(
 
     with torch.no_grad():
         if cuda_graph:
-            return _distill_replayed(update, source_latents, generators, settings, image_shape, on_step)
-        latents = source_latents.clone()
+            return _distill_replayed(update, start, generators, settings, image_shape, on_step)
+        latents = start.clone()
         for step in range(1, settings.steps + 1):
             timesteps, noise = draw_step(generators, settings, image_shape, device)
             latents = update(latents, timesteps, noise)
@@ -174,7 +181,7 @@ def distill(
 
 def _distill_replayed(
     update: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-    source_latents: torch.Tensor,
+    start_latents: torch.Tensor,
     generators: list[torch.Generator],
     settings: LoopSettings,
     image_shape: tuple[int, ...],
@@ -185,8 +192,8 @@ def _distill_replayed(
     A CUDA graph replays kernels on fixed addresses, so the latents, timesteps and noise
     live in buffers that the step reads and overwrites in place.
     """
-    device = source_latents.device
-    latents = source_latents.clone()
+    device = start_latents.device
+    latents = start_latents.clone()
     timesteps, noise = draw_step(generators, settings, image_shape, device)
     timestep_buffer, noise_buffer = torch.empty_like(timesteps), torch.empty_like(noise)
 
@@ -208,7 +215,7 @@ def _distill_replayed(
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step_in_place()
-        latents.copy_(source_latents)
+        latents.copy_(start_latents)
         replay = graph.replay
     for step in range(1, settings.steps + 1):
         if step > 1:

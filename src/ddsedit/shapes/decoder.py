@@ -109,6 +109,10 @@ def harden_model(model_dir: Path, out: Path, cfg: DecoderConfig, on_step=None) -
     shutil.copytree(model_dir, staging)
     shutil.rmtree(staging / "vae")
     vae.to(torch.float16).save_pretrained(staging / "vae", safe_serialization=True)
+    vae_config_path = staging / "vae" / "config.json"
+    vae_config = json.loads(vae_config_path.read_text())
+    vae_config.pop("_name_or_path", None)  # where it was loaded from on this machine: not part of the model
+    vae_config_path.write_text(json.dumps(vae_config, indent=2, sort_keys=True) + "\n")
     record = {"from": str(model_dir), "config": asdict(cfg), "seconds": round(seconds, 1),
               "l1_per_100_steps": [round(sum(losses[i : i + 100]) / len(losses[i : i + 100]), 5)
                                    for i in range(0, len(losses), 100)]}  # fmt: skip

@@ -82,6 +82,7 @@ class Report:
     cases: int
     methods: dict[str, dict[str, float]] = field(default_factory=dict)
     swaps: dict[str, dict[str, float]] = field(default_factory=dict)
+    held: dict[str, float] = field(default_factory=dict)  # DDS started at the right answer
     settings: dict[str, object] = field(default_factory=dict)
 
 
@@ -188,16 +189,22 @@ def summarise(cases: list[EditCase], scores: list[CaseScore]) -> dict[str, float
 
 
 def run_edits(
-    editor: Editor, cases: list[EditCase], method: str, config: EditConfig, batch_size: int
+    editor: Editor, cases: list[EditCase], method: str, config: EditConfig, batch_size: int,
+    start_at_target: bool = False,
 ) -> tuple[list[Image.Image], list[Image.Image | None]]:
-    """Edit every case with ``method``, ``batch_size`` images per UNet call."""
+    """Edit every case with ``method``, ``batch_size`` images per UNet call.
+
+    ``start_at_target`` starts the optimisation at the right answer (the target image) instead of
+    the source: how far the method then drifts is the error it makes even with a perfect path.
+    """  # fmt: skip
     edited: list[Image.Image] = []
     masks: list[Image.Image | None] = []
     for start in range(0, len(cases), batch_size):
         chunk = cases[start : start + batch_size]
         chunk_masks = [edit_mask(case.source) if method == "masked-dds" else None for case in chunk]
         requests = [
-            EditRequest(render(case.source)[0], query=case.query, ref=case.ref, mask=mask, seed=case.seed)
+            EditRequest(render(case.source)[0], query=case.query, ref=case.ref, mask=mask, seed=case.seed,
+                        start=render(case.target)[0] if start_at_target else None)
             for case, mask in zip(chunk, chunk_masks, strict=True)
         ]
         edited += [result.image for result in editor.edit_batch(requests, method, config=config)]
@@ -223,8 +230,13 @@ def evaluate(
     swaps: int = 8,
     batch_size: int = 8,
     grid_rows: int = 12,
+    hold: bool = True,
 ) -> tuple[Report, Image.Image]:
-    """Run the whole eval; returns the report and a grid (source, target, sds, dds, masked-dds)."""
+    """Run the whole eval; returns the report and a grid (source, target, sds, dds, masked-dds).
+
+    With ``hold``, DDS also runs from the right answer (the target image) on the same cases: the
+    figures it ends at bound what DDS can reach with this model and these settings.
+    """
     config = config or editor.config()
     cases = recolour_cases(count, seed)
     report = Report(cases=count, settings={k: v for k, v in asdict(config).items() if k != "seed"})
@@ -234,6 +246,10 @@ def evaluate(
         scores = [score_edit(c, image, mask) for c, image, mask in zip(cases, edited, masks, strict=True)]
         report.methods[method] = summarise(cases, scores)
         edited_by_method[method] = edited
+    if hold:
+        edited, _ = run_edits(editor, cases, "dds", config, batch_size, start_at_target=True)
+        scores = [score_edit(c, image) for c, image in zip(cases, edited, strict=True)]
+        report.held = summarise(cases, scores)
     for kind in ("background", "shape"):
         if swaps <= 0:
             break
@@ -267,6 +283,13 @@ def format_report(report: Report) -> str:
             f"| {method} | {figures['recolour_rate']:.0%} | {figures.get('iou_median_white', float('nan')):.3f} "
             f"| {figures.get('iou_median_black', float('nan')):.3f} | {figures['background_change']:.2f} "
             f"| {figures['dots_kept_rate']:.0%} | {'' if outside is None else f'{outside:.0f}'} |"
+        )
+    if report.held:
+        held = report.held
+        lines.append(
+            f"DDS started at the right answer: IoU median {held.get('iou_median_white', float('nan')):.3f} white, "
+            f"{held.get('iou_median_black', float('nan')):.3f} black, background change "
+            f"{held['background_change']:.2f}, recolour {held['recolour_rate']:.0%}"
         )
     for kind, figures in report.swaps.items():
         lines.append(
