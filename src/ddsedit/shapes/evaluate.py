@@ -191,12 +191,12 @@ def summarise(cases: list[EditCase], scores: list[CaseScore]) -> dict[str, float
 def run_edits(
     editor: Editor, cases: list[EditCase], method: str, config: EditConfig, batch_size: int,
     start_at_target: bool = False,
-) -> tuple[list[Image.Image], list[Image.Image | None]]:
+) -> tuple[list[Image.Image], list[Image.Image | None]]:  # fmt: skip
     """Edit every case with ``method``, ``batch_size`` images per UNet call.
 
     ``start_at_target`` starts the optimisation at the right answer (the target image) instead of
     the source: how far the method then drifts is the error it makes even with a perfect path.
-    """  # fmt: skip
+    """
     edited: list[Image.Image] = []
     masks: list[Image.Image | None] = []
     for start in range(0, len(cases), batch_size):
