@@ -64,9 +64,11 @@ class BenchReport:
     edit_steps: int
     compile_seconds: float | None
     engine_options: str = ""  # how the ddsedit loop ran: "eager", "cuda-graph", "compile (mode)"
+    repeats: int = 1  # whole runs, one after another; figures are the median over runs
     loops: list[LoopResult] = field(default_factory=list)
     ratios: dict[str, float] = field(default_factory=dict)
     images_per_second: dict[str, float] = field(default_factory=dict)
+    ratio_runs: dict[str, list[float]] = field(default_factory=dict)  # each run's ratio, to show the spread
 
 
 def build_models(arch: str, size: int, device: torch.device):
@@ -309,6 +311,12 @@ def run(args: argparse.Namespace) -> BenchReport:
         )
         moved = (base_latents - source).norm()
         result.final_latent_relative_error = float((latents - base_latents).norm() / moved.clamp_min(1e-12))
+    add_ratios(report)
+    return report
+
+
+def add_ratios(report: BenchReport) -> None:
+    """Speed-ups of the engine against each reference, and images per second of each loop."""
     by_name = {result.name: result for result in report.loops}
     if "ddsedit" in by_name:
         for reference in ("reference-2call", "reference-batch4"):
@@ -316,8 +324,29 @@ def run(args: argparse.Namespace) -> BenchReport:
                 speedup = by_name[reference].ms_per_step / by_name["ddsedit"].ms_per_step
                 report.ratios[f"speedup_vs_{reference}"] = speedup
     for result in report.loops:
-        report.images_per_second[result.name] = count / (result.ms_per_step / 1000 * args.edit_steps)
-    return report
+        report.images_per_second[result.name] = report.batch_size / (result.ms_per_step / 1000 * report.edit_steps)
+
+
+def merge_runs(reports: list[BenchReport]) -> BenchReport:
+    """One report from several whole runs: each loop's median over runs, the median of the runs' ratios.
+
+    On a shared machine the speed drifts between loops timed one after another; repeating the
+    whole run and taking medians makes the ratios less a matter of which loop ran when.
+    """
+    merged = copy.deepcopy(reports[0])
+    merged.repeats = len(reports)
+    merged.ratios, merged.images_per_second = {}, {}
+    for index, loop in enumerate(merged.loops):
+        runs = [report.loops[index] for report in reports]
+        loop.ms_per_step = statistics.median(run.ms_per_step for run in runs)
+        loop.ms_per_step_mean = statistics.fmean(run.ms_per_step_mean for run in runs)
+        loop.vae_seconds = statistics.median(run.vae_seconds for run in runs)
+        loop.seconds_per_edit = merged.edit_steps * loop.ms_per_step / 1000 + loop.vae_seconds
+        loop.peak_memory_mib = max(run.peak_memory_mib for run in runs)
+    add_ratios(merged)
+    merged.ratio_runs = {key: [report.ratios[key] for report in reports] for key in merged.ratios}
+    merged.ratios = {key: statistics.median(runs) for key, runs in merged.ratio_runs.items()}
+    return merged
 
 
 def engine_options(args: argparse.Namespace) -> str:
@@ -335,7 +364,8 @@ def embeddings_as(embeddings: PromptEmbeddings, dtype: torch.dtype) -> PromptEmb
 def format_table(report: BenchReport) -> str:
     lines = [
         f"{report.arch} {report.size}x{report.size}, batch {report.batch_size}, {report.device_name}, "
-        f"dtype {report.dtype}, {report.timed_steps} timed steps, ddsedit loop: {report.engine_options}",
+        f"dtype {report.dtype}, {report.timed_steps} timed steps x {report.repeats} runs, "
+        f"ddsedit loop: {report.engine_options}",
         "| loop | ms/step | s/edit (200 steps + VAE) | peak memory MiB | gradient cosine | final latent rel. error |",
         "|---|---|---|---|---|---|",
     ]
@@ -345,7 +375,9 @@ def format_table(report: BenchReport) -> str:
             f"| {r.first_gradient_cosine:.4f} | {r.final_latent_relative_error:.4f} |"
         )
     for key, value in report.ratios.items():
-        lines.append(f"{key}: {value:.2f}x")
+        runs = report.ratio_runs.get(key)
+        spread = f" (median of {len(runs)} runs: {', '.join(f'{r:.2f}' for r in runs)})" if runs else ""
+        lines.append(f"{key}: {value:.2f}x{spread}")
     if report.compile_seconds is not None:
         lines.append(f"torch.compile time: {report.compile_seconds:.1f} s")
     return "\n".join(lines)
@@ -368,12 +400,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch.compile mode (reduce-overhead adds CUDA graphs)")
     parser.add_argument("--cuda-graph", action="store_true", help="the engine records one step as a CUDA graph")
     parser.add_argument("--loops", nargs="+", default=list(LOOPS), choices=LOOPS)
+    parser.add_argument("--repeats", type=int, default=1, help="whole runs one after another; medians reported")
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
     args = parser.parse_args(argv)
     from ddsedit.loading import quiet_third_party_output
 
     quiet_third_party_output()
-    report = run(args)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    reports = [run(args) for _ in range(args.repeats)]
+    report = merge_runs(reports) if len(reports) > 1 else reports[0]
     print(format_table(report))
     if args.json is not None:
         args.json.write_text(json.dumps(asdict(report), indent=2))

@@ -39,3 +39,16 @@ def test_benchmark_records_how_the_engine_ran(tmp_path, capsys) -> None:
     assert report["engine_options"] == "cuda-graph"
     engine = next(loop for loop in report["loops"] if loop["name"] == "ddsedit")
     assert engine["final_latent_relative_error"] < 1e-3
+
+
+def test_repeats_report_the_median_run_and_every_runs_ratio(tmp_path, capsys) -> None:
+    report_path = tmp_path / "bench.json"
+    bench_dds.main(
+        ["--arch", "tiny", "--size", "16", "--device", "cpu", "--dtype", "fp32", "--steps", "2", "--warmup", "1",
+         "--loops", "reference-2call", "ddsedit", "--repeats", "3", "--json", str(report_path)]
+    )  # fmt: skip
+    assert "median of 3 runs" in capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    assert report["repeats"] == 3
+    runs = report["ratio_runs"]["speedup_vs_reference-2call"]
+    assert len(runs) == 3 and min(runs) <= report["ratios"]["speedup_vs_reference-2call"] <= max(runs)
