@@ -2,8 +2,8 @@
 
     python -m ddsedit.shapes.decoder MODEL_DIR --out DIR [--steps 600] [--sigma 0.3] [--lr 5e-4]
 
-An edit moves latents away from anything the encoder produces, and a decoder that has only seen
-the encoder's outputs renders such latents with smeared dots and tinted backgrounds. This step
+An edit moves latents away from anything the encoder produces, and a decoder trained only on
+the encoder's outputs has never been asked what such latents should look like. This step
 fine-tunes the decoder alone on encoder latents plus noise (half per-element, half smooth over
 the image), up to ``sigma`` in the UNet's scaled units, against the clean image, with the
 autoencoder's weighted loss. The encoder stays fixed, so the latent space the UNet learned, the
