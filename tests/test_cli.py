@@ -215,3 +215,27 @@ def test_cpu_offload_flag_runs(circle_files, tiny_model_dir, tmp_path) -> None:
     result = _edit("dds", circle_files, tiny_model_dir, "-o", str(tmp_path / "o.png"), "-q", "--cpu-offload")
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "o.png").is_file()
+
+
+def test_start_continues_from_an_earlier_result(circle_files, tiny_model_dir, tmp_path) -> None:
+    """``--start`` begins at another image (here the first run's output); the result records it."""
+    first = tmp_path / "first.png"
+    assert _edit("dds", circle_files, tiny_model_dir, "--seed", "3", "-o", str(first), "-q").exit_code == 0
+    second = tmp_path / "second.png"
+    result = _edit("dds", circle_files, tiny_model_dir, "--seed", "3", "--start", str(first), "-o", str(second), "-q")
+    assert result.exit_code == 0, result.stderr
+    assert read_metadata(second)["start"] == str(first)
+    assert "start" not in read_metadata(first)
+    with Image.open(first) as before, Image.open(second) as after:
+        assert before.size == after.size and before.tobytes() != after.tobytes()
+
+
+def test_start_of_another_size_is_a_one_line_error(circle_files, tiny_model_dir, tmp_path) -> None:
+    small = tmp_path / "small.png"
+    Image.new("RGB", (30, 20), (0, 0, 255)).save(small)
+    output = tmp_path / "out.png"
+    result = _edit("dds", circle_files, tiny_model_dir, "--start", str(small), "-o", str(output))
+    _assert_one_line_error(result, 2, "--start is 30x20 but --src is 60x40")
+    assert not output.exists()
+    missing = _edit("sds", circle_files, tiny_model_dir, "--start", str(tmp_path / "none.png"), "-o", str(output))
+    _assert_one_line_error(missing, 2, "none.png")

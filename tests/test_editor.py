@@ -216,3 +216,17 @@ def test_an_edit_can_start_from_another_image(tiny_editor: Editor, circle_image)
                                                   start=other)], "dds", config=config)[0]  # fmt: skip
     green = _pixels(other)
     assert np.abs(_pixels(started.image) - green).mean() < np.abs(_pixels(plain.image) - green).mean()
+
+
+def test_edit_takes_a_start_image_of_the_source_size(tiny_editor: Editor, circle_image) -> None:
+    config = tiny_editor.config(steps=2, seed=5, lr=0.01)
+    other = Image.new("RGB", circle_image.size, (20, 200, 20))
+    single = tiny_editor.edit(circle_image, "dds", query="a blue circle", ref="a red circle", config=config,
+                              start=other)  # fmt: skip
+    batched = tiny_editor.edit_batch([EditRequest(circle_image, query="a blue circle", ref="a red circle",
+                                                  start=other)], "dds", config=config)[0]  # fmt: skip
+    assert np.array_equal(_pixels(single.image), _pixels(batched.image))
+    assert single.parameters["start"] == "image"
+    with pytest.raises(InputError, match="same size"):
+        tiny_editor.edit(circle_image, "dds", query="a blue circle", ref="a red circle", config=config,
+                         start=other.resize((8, 8)))  # fmt: skip

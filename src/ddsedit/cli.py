@@ -76,6 +76,15 @@ def _edit_template(
         Path | None,
         typer.Option("--mask", help="Mask image: white = editable, black = kept.", show_default=False),
     ] = None,
+    start: Annotated[
+        Path | None,
+        typer.Option(
+            "--start",
+            help="Start from this image instead of --src (e.g. an earlier result, to run more steps); "
+            "same size as --src, which stays the image the edit compares against.",
+            show_default=False,
+        ),
+    ] = None,
     output: Annotated[
         Path | None,
         typer.Option(
@@ -214,7 +223,7 @@ def run_edit(method: str, **options) -> None:
 
 def _run_edit(
     method: str, *, src: Path, query: str, ref: str = "", mask: Path | None = None,
-    output: Path | None = None,
+    start: Path | None = None, output: Path | None = None,
     model: str | None, device: str, dtype: str, steps: int | None, guidance: float | None, lr: float | None,
     t_min: int | None, t_max: int | None, seed: int | None, negative: str | None, size: int | None,
     keep_working_size: bool, paste_back: bool = True, feather: float | None = None, save_every: int | None,
@@ -253,6 +262,13 @@ def _run_edit(
         if mask is None:
             raise InputError("masked-dds needs --mask (white = editable)")
         mask_image = imageio.load_mask(mask, source.size)
+    if start is not None:  # checked here too, so that a bad --start fails before the slow model load
+        start_image = imageio.load_image(start, "start image")
+        if start_image.size != source.size:
+            raise InputError(
+                f"--start is {start_image.width}x{start_image.height} but --src is {source.width}x{source.height}: "
+                "they must be the same size"
+            )
     output_path = imageio.check_output_path(output or imageio.default_output_path(src, method), overwrite)
     if animation is not None:
         if animation.suffix.lower() != ".gif":
@@ -274,7 +290,7 @@ def _run_edit(
     config = editor.config(**overrides)
     with _progress(quiet, method) as on_progress:
         result = editor.edit(source, method, query=query, ref=ref, mask=mask_image, config=config,
-                             on_progress=on_progress)  # fmt: skip
+                             on_progress=on_progress, start=start)  # fmt: skip
     if frames is not None:
         for step, frame in result.frames:
             imageio.save_png(frame, frames / f"{src.stem}.{method}.{step:04d}.png", {}, overwrite=True)

@@ -156,6 +156,8 @@ class _Prepared:
     mask: Image.Image | None
     seed: int
     working_size: tuple[int, int]
+    start: Image.Image | None = None
+    start_label: str | None = None  # what the metadata records as the start: a path, or "image"
 
 
 def _load_rgb(image: ImageLike) -> Image.Image:
@@ -298,14 +300,17 @@ class Editor:
         mask: ImageLike | None = None,
         config: EditConfig | None = None,
         on_progress: ProgressCallback | None = None,
+        start: ImageLike | None = None,
     ) -> EditResult:
         """Edit one image and return the result with its parameters (and frames if asked).
 
         ``method`` is ``sds``, ``dds`` or ``masked-dds``; ``ref`` describes the source image
         (needed by the DDS methods), ``query`` the wanted result; ``mask`` (white = editable)
         is needed by ``masked-dds``. ``on_progress(step, steps)`` is called after each step.
+        ``start`` (same size as ``image``) starts the optimisation from another image, e.g. an
+        earlier result to continue, while ``image`` stays the source DDS compares against.
         """
-        request = EditRequest(image=image, query=query, ref=ref, mask=mask)
+        request = EditRequest(image=image, query=query, ref=ref, mask=mask, start=start)
         return self.edit_batch([request], method, config=config, on_progress=on_progress)[0]
 
     def edit_batch(
@@ -345,11 +350,8 @@ class Editor:
         pixels = torch.cat([imageio.image_to_tensor(item.source, working) for item in prepared])
         source_latents = self.encode_image(pixels)
         initial_latents = None
-        if any(request.start is not None for request in requests):
-            starts = [
-                item.source if request.start is None else _load_rgb(request.start)
-                for request, item in zip(requests, prepared, strict=True)
-            ]
+        if any(item.start is not None for item in prepared):
+            starts = [item.source if item.start is None else item.start for item in prepared]
             start_pixels = torch.cat([imageio.image_to_tensor(start, working) for start in starts])
             initial_latents = self.encode_image(start_pixels)
         latent_mask = None
@@ -400,9 +402,21 @@ class Editor:
         seed = request.seed if request.seed is not None else config.seed
         if seed is None:
             seed = random.SystemRandom().randrange(2**31)
+        start = None
+        if request.start is not None:
+            start = request.start
+            start = start.convert("RGB") if isinstance(start, Image.Image) else imageio.load_image(start, "start image")
+            if start.size != source.size:
+                raise InputError(
+                    f"the start image is {start.width}x{start.height} but the source is "
+                    f"{source.width}x{source.height}: they must be the same size"
+                )
         stride = self.components.vae_scale_factor
         working = imageio.working_size(source.width, source.height, config.size, stride)
-        return _Prepared(source, query, ref, binary_mask, seed, working)
+        start_label = None
+        if start is not None:
+            start_label = "image" if isinstance(request.start, Image.Image) else str(request.start)
+        return _Prepared(source, query, ref, binary_mask, seed, working, start, start_label)
 
     def _finish(
         self, item: _Prepared, edited: Image.Image, method: str, config: EditConfig,
@@ -420,6 +434,8 @@ class Editor:
             "dtype": str(self.dtype).removeprefix("torch."),
             "ddsedit_version": __version__,
         }
+        if item.start_label is not None:
+            parameters["start"] = item.start_label
         edited.info.update({key: str(value) for key, value in parameters.items()})
         return EditResult(image=edited, parameters=parameters, frames=frames)
 
