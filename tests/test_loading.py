@@ -33,6 +33,21 @@ def test_hub_id_missing_offline_says_how_to_get_it(monkeypatch, tmp_path) -> Non
         loading.locate_model("someone/missing-model")
 
 
+def test_mistyped_folder_is_not_downloaded_as_a_hub_id(monkeypatch, tmp_path) -> None:
+    """`runs/typo` beside a real `runs/` folder: a one-line error about the folder, no download attempt."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # even online, it must not try the hub
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(loading, "_hub_snapshot", no_download)
+    with pytest.raises(ModelError, match="no model folder runs/typo .*runs exists here"):
+        loading.locate_model("runs/typo")
+
+
 def test_folder_that_is_not_a_diffusers_model(tmp_path) -> None:
     (tmp_path / "weights.txt").write_text("x")
     with pytest.raises(ModelError, match="not a diffusers model folder"):

@@ -156,20 +156,40 @@ def locate_model(model: str | os.PathLike | None, allow_pickle: bool = False) ->
             raise InputError(f"{path} is not a model: expected a .safetensors file or a diffusers folder")
         return "file", path
     if _looks_like_hub_id(name) and not path.suffix:
+        if path.parent.is_dir():
+            # `runs/typo` next to a real `runs/` folder is far more likely a mistyped path than a hub id:
+            # use the cache if it holds that id, but never start a download for it.
+            cached = _cached_snapshot(name)
+            if cached is None:
+                raise ModelError(
+                    f"no model folder {path} (the folder {path.parent} exists here, but not {path.name} in it); "
+                    f"nor is {name!r} a hub id in the local cache"
+                )
+            return "folder", cached
         return "folder", _hub_snapshot(name)
     known = ", ".join(bundled) or "none installed"
     raise ModelError(f"unknown model {name!r}: not a file, a folder, a bundled model ({known}) or a hub id (org/name)")
 
 
-def _hub_snapshot(repo_id: str) -> Path:
-    """The local folder of a hub model, from the cache; downloads only when online and asked."""
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The local folder of a hub model if the Hugging Face cache holds it, else None."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=list(COMPONENT_FILES), local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        pass
+        return None
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The local folder of a hub model, from the cache; downloads only when online and asked."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    cached = _cached_snapshot(repo_id)
+    if cached is not None:
+        return cached
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     how = (
         f"download it where there is network access with `hf download {repo_id}` "
