@@ -34,6 +34,56 @@ METHOD_HELP = {
     "masked-dds": "DDS confined to --mask (white = editable); outside it the source pixels are kept.",
 }
 
+# Options that the edit commands and `batch` share, declared once so that their help stays the same.
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="Bundled name (shapes), diffusers folder, .safetensors file or hub id. "
+        "Default: $DDSEDIT_MODEL or stable-diffusion-v1-5/stable-diffusion-v1-5.",
+        show_default=False,
+    ),
+]
+DtypeOption = Annotated[str, typer.Option("--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp16, bf16 or fp32.")]
+StepsOption = Annotated[
+    int | None,
+    typer.Option("--steps", "--iterations", help="Optimisation steps [default: 200].", show_default=False),
+]
+GuidanceOption = Annotated[
+    float | None,
+    typer.Option("--guidance", help="Classifier-free guidance scale [default: 7.5].", show_default=False),
+]
+LrOption = Annotated[
+    float | None,
+    typer.Option(
+        "--lr",
+        help="SGD learning rate: a step moves the latents by lr * 2000/4096 * gradient [default: 0.1].",
+        show_default=False,
+    ),
+]
+TMinOption = Annotated[
+    int | None, typer.Option("--t-min", help="Lowest timestep drawn [default: 50].", show_default=False)
+]
+TMaxOption = Annotated[
+    int | None, typer.Option("--t-max", help="Timesteps are drawn below this [default: 950].", show_default=False)
+]
+SizeOption = Annotated[
+    int | None,
+    typer.Option(
+        "--size", help="Longest side of the working image [default: 512, or the model's].", show_default=False
+    ),
+]
+AllowPickleOption = Annotated[
+    bool, typer.Option("--allow-pickle", help="Allow .ckpt/.pt pickle checkpoints (they can run code).")
+]
+PredictionTypeOption = Annotated[
+    str | None,
+    typer.Option("--prediction-type", help="Override the model's: epsilon or v_prediction.", show_default=False),
+]
+CudaGraphOption = Annotated[
+    bool, typer.Option("--cuda-graph", help="Record one step as a CUDA graph and replay it (CUDA only).")
+]
+
 
 def _version_callback(value: bool) -> None:
     if value:
@@ -91,44 +141,14 @@ def _edit_template(
             "-o", "--output", help="Output PNG. Default: ./<source stem>.<method>.png", show_default=False
         ),
     ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            help="Bundled name (shapes), diffusers folder, .safetensors file or hub id. "
-            "Default: $DDSEDIT_MODEL or stable-diffusion-v1-5/stable-diffusion-v1-5.",
-            show_default=False,
-        ),
-    ] = None,
+    model: ModelOption = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    dtype: Annotated[
-        str, typer.Option("--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp16, bf16 or fp32.")
-    ] = "auto",
-    steps: Annotated[
-        int | None,
-        typer.Option(
-            "--steps", "--iterations", help="Optimisation steps [default: 200].", show_default=False
-        ),
-    ] = None,
-    guidance: Annotated[
-        float | None,
-        typer.Option("--guidance", help="Classifier-free guidance scale [default: 7.5].", show_default=False),
-    ] = None,
-    lr: Annotated[
-        float | None,
-        typer.Option(
-            "--lr",
-            help="SGD learning rate: a step moves the latents by lr * 2000/4096 * gradient [default: 0.1].",
-            show_default=False,
-        ),
-    ] = None,
-    t_min: Annotated[
-        int | None, typer.Option("--t-min", help="Lowest timestep drawn [default: 50].", show_default=False)
-    ] = None,
-    t_max: Annotated[
-        int | None,
-        typer.Option("--t-max", help="Timesteps are drawn below this [default: 950].", show_default=False),
-    ] = None,
+    dtype: DtypeOption = "auto",
+    steps: StepsOption = None,
+    guidance: GuidanceOption = None,
+    lr: LrOption = None,
+    t_min: TMinOption = None,
+    t_max: TMaxOption = None,
     seed: Annotated[
         int | None,
         typer.Option(
@@ -145,14 +165,7 @@ def _edit_template(
             show_default=False,
         ),
     ] = None,
-    size: Annotated[
-        int | None,
-        typer.Option(
-            "--size",
-            help="Longest side of the working image [default: 512, or the model's].",
-            show_default=False,
-        ),
-    ] = None,
+    size: SizeOption = None,
     keep_working_size: Annotated[
         bool,
         typer.Option("--keep-working-size", help="Write the result at the working size, not the source's."),
@@ -179,24 +192,15 @@ def _edit_template(
         typer.Option("--animation", help="Write an animated GIF of the optimisation.", show_default=False),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
-    allow_pickle: Annotated[
-        bool, typer.Option("--allow-pickle", help="Allow .ckpt/.pt pickle checkpoints (they can run code).")
-    ] = False,
-    prediction_type: Annotated[
-        str | None,
-        typer.Option(
-            "--prediction-type", help="Override the model's: epsilon or v_prediction.", show_default=False
-        ),
-    ] = None,
+    allow_pickle: AllowPickleOption = False,
+    prediction_type: PredictionTypeOption = None,
     cpu_offload: Annotated[
         bool, typer.Option("--cpu-offload", help="Keep weights in CPU memory, on the GPU only while used.")
     ] = False,
     compile_unet: Annotated[
         bool, typer.Option("--compile", help="torch.compile the UNet: slower start, faster steps on a GPU.")
     ] = False,
-    cuda_graph: Annotated[
-        bool, typer.Option("--cuda-graph", help="Record one step as a CUDA graph and replay it (CUDA only).")
-    ] = False,
+    cuda_graph: CudaGraphOption = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bar or notes; errors only.")
     ] = False,
@@ -454,36 +458,16 @@ def batch_command(
     out_dir: Annotated[
         Path, typer.Option("--out-dir", help="Folder for the outputs and results.jsonl.", show_default=False)
     ],
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            help="Bundled name, diffusers folder, .safetensors file or hub id. "
-            "Default: $DDSEDIT_MODEL or stable-diffusion-v1-5/stable-diffusion-v1-5.",
-            show_default=False,
-        ),
-    ] = None,
+    model: ModelOption = None,
     device: Annotated[
         str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (several processes: each its own).")
     ] = "auto",
-    dtype: Annotated[
-        str, typer.Option("--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp16, bf16 or fp32.")
-    ] = "auto",
-    steps: Annotated[
-        int | None,
-        typer.Option("--steps", "--iterations", help="Default optimisation steps [200].", show_default=False),
-    ] = None,
-    guidance: Annotated[
-        float | None, typer.Option("--guidance", help="Default guidance scale [7.5].", show_default=False)
-    ] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Default learning rate [0.1].", show_default=False)] = None,
-    t_min: Annotated[
-        int | None, typer.Option("--t-min", help="Lowest timestep drawn [default: 50].", show_default=False)
-    ] = None,
-    t_max: Annotated[
-        int | None,
-        typer.Option("--t-max", help="Timesteps are drawn below this [default: 950].", show_default=False),
-    ] = None,
+    dtype: DtypeOption = "auto",
+    steps: StepsOption = None,
+    guidance: GuidanceOption = None,
+    lr: LrOption = None,
+    t_min: TMinOption = None,
+    t_max: TMaxOption = None,
     seed: Annotated[
         int | None,
         typer.Option(
@@ -495,12 +479,7 @@ def batch_command(
     negative: Annotated[
         str | None, typer.Option("--negative", help="Negative prompt for every row.", show_default=False)
     ] = None,
-    size: Annotated[
-        int | None,
-        typer.Option(
-            "--size", help="Longest side of the working image [default: 512, or the model's].", show_default=False
-        ),
-    ] = None,
+    size: SizeOption = None,
     batch_size: Annotated[
         int, typer.Option("--batch-size", help="Rows per UNet call (same method, settings and working size).")
     ] = 1,
@@ -516,18 +495,9 @@ def batch_command(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Redo rows whose output exists, replacing it.")
     ] = False,
-    allow_pickle: Annotated[
-        bool, typer.Option("--allow-pickle", help="Allow .ckpt/.pt pickle checkpoints (they can run code).")
-    ] = False,
-    prediction_type: Annotated[
-        str | None,
-        typer.Option(
-            "--prediction-type", help="Override the model's: epsilon or v_prediction.", show_default=False
-        ),
-    ] = None,
-    cuda_graph: Annotated[
-        bool, typer.Option("--cuda-graph", help="Record one step as a CUDA graph and replay it (CUDA only).")
-    ] = False,
+    allow_pickle: AllowPickleOption = False,
+    prediction_type: PredictionTypeOption = None,
+    cuda_graph: CudaGraphOption = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bars or summary; errors only.")
     ] = False,
@@ -536,6 +506,8 @@ def batch_command(
     ] = False,
 ) -> None:
     """Edit every row of a manifest with one model load; rerun the same command to resume.
+
+    --steps, --guidance and --lr apply to the rows that do not set their own.
 
     stdout: the output path of every row done or already done. Exit codes: 0 all rows done,
     1 some row failed (each recorded in OUT_DIR/results.jsonl), 2 bad input (each bad row
