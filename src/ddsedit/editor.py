@@ -402,20 +402,18 @@ class Editor:
         seed = request.seed if request.seed is not None else config.seed
         if seed is None:
             seed = random.SystemRandom().randrange(2**31)
-        start = None
-        if request.start is not None:
-            start = request.start
-            start = start.convert("RGB") if isinstance(start, Image.Image) else imageio.load_image(start, "start image")
-            if start.size != source.size:
-                raise InputError(
-                    f"the start image is {start.width}x{start.height} but the source is "
-                    f"{source.width}x{source.height}: they must be the same size"
-                )
+        start, start_label = None, None
+        if isinstance(request.start, Image.Image):
+            start, start_label = request.start.convert("RGB"), "image"
+        elif request.start is not None:
+            start, start_label = imageio.load_image(request.start, "start image"), str(request.start)
+        if start is not None and start.size != source.size:
+            raise InputError(
+                f"the start image is {start.width}x{start.height} but the source is "
+                f"{source.width}x{source.height}: they must be the same size"
+            )
         stride = self.components.vae_scale_factor
         working = imageio.working_size(source.width, source.height, config.size, stride)
-        start_label = None
-        if start is not None:
-            start_label = "image" if isinstance(request.start, Image.Image) else str(request.start)
         return _Prepared(source, query, ref, binary_mask, seed, working, start, start_label)
 
     def _finish(
