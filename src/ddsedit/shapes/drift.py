@@ -1,0 +1,149 @@
+"""Where DDS drifts from the right answer: its expected gradient there, per timestep and background.
+
+    python -m ddsedit.shapes.drift --model shapes --cases 40 --draws 8
+
+Started at the right answer (the target image's latents), an edit stays there only if the expected
+DDS gradient vanishes. This measures it on recolour cases, at fixed timesteps, averaged over
+``draws`` noise draws (same noise for source and target, as in the loop), and splits it:
+
+- ``conditional``: the gradient at guidance 1 (query prediction at the target minus reference
+  prediction at the source);
+- ``guided``: what classifier-free guidance adds, ``(g - 1)`` times the difference of the two
+  branches' conditional-minus-unconditional predictions. Where the image already shows what the
+  caption says, a perfect model's two predictions agree, so this part is the model's error scaled
+  by the guidance.
+
+It also reports the noise-prediction error of the query caption at the target (what training
+minimises) and at the source (how far the query caption pulls an unedited image): a quick look at
+a model before the 20-minute eval. Mean squares per latent element, averaged over the cases of
+each background.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+
+from ddsedit import scores
+from ddsedit.editor import Editor
+from ddsedit.imageio import image_to_tensor
+from ddsedit.optimize import predict_epsilon
+from ddsedit.shapes import evaluate
+from ddsedit.shapes.world import BACKGROUNDS, IMAGE_SIZE, render
+
+TIMESTEPS = (50, 100, 200, 300, 400, 500, 600, 700, 800, 900)
+
+
+@dataclass
+class DriftRow:
+    """One timestep, one background: mean squares per latent element."""
+
+    timestep: int
+    background: str
+    gradient: float  # the expected DDS gradient at the right answer
+    conditional: float  # its guidance-1 part
+    guided: float  # the part the guidance adds
+    error_at_target: float  # noise-prediction error of the query caption at the target
+    error_at_source: float  # the same caption's error at the unedited source
+
+
+def _latents(editor: Editor, images: list) -> torch.Tensor:
+    pixels = torch.cat([image_to_tensor(image, (IMAGE_SIZE, IMAGE_SIZE)) for image in images])
+    return editor.encode_image(pixels)
+
+
+def drift_table(
+    editor: Editor,
+    cases: list[evaluate.EditCase],
+    timesteps: tuple[int, ...] = TIMESTEPS,
+    draws: int = 8,
+    guidance: float | None = None,
+    seed: int = 0,
+) -> list[DriftRow]:
+    """The expected DDS gradient at the right answer of ``cases``, per timestep and background."""
+    guidance = editor.config().guidance if guidance is None else guidance
+    components = editor.components
+    source = _latents(editor, [render(case.source)[0] for case in cases])
+    target = _latents(editor, [render(case.target)[0] for case in cases])
+    query = editor.encode_prompts([case.query for case in cases])
+    reference = editor.encode_prompts([case.ref for case in cases])
+    empty = editor.encode_prompts([""] * len(cases))
+    conditions = torch.cat([empty, query, empty, reference, query])
+    alphas_cumprod = components.alphas_cumprod.to(device=editor.device, dtype=torch.float32)
+    generator = torch.Generator(device=editor.device).manual_seed(seed)
+    rows = []
+    for timestep in timesteps:
+        t = torch.full((len(cases),), timestep, device=editor.device)
+        alpha_bar = alphas_cumprod[t]
+        gradient = torch.zeros_like(source)
+        conditional = torch.zeros_like(source)
+        error_target = torch.zeros(len(cases), device=editor.device)
+        error_source = torch.zeros(len(cases), device=editor.device)
+        for _ in range(draws):
+            noise = torch.randn(source.shape, generator=generator, device=editor.device)
+            noisy_target = scores.add_noise(target, noise, alpha_bar)
+            noisy_source = scores.add_noise(source, noise, alpha_bar)
+            batch = torch.cat([noisy_target, noisy_target, noisy_source, noisy_source, noisy_source])
+            with torch.no_grad():
+                epsilon = predict_epsilon(components.unet, batch, t.repeat(5), conditions, alpha_bar.repeat(5),
+                                          components.prediction_type)  # fmt: skip
+            target_uncond, target_cond, source_uncond, source_cond, query_at_source = epsilon.chunk(5)
+            target_guided = scores.classifier_free_guidance(target_uncond, target_cond, guidance)
+            source_guided = scores.classifier_free_guidance(source_uncond, source_cond, guidance)
+            gradient += scores.dds_gradient(target_guided, source_guided) / draws
+            conditional += scores.dds_gradient(target_cond, source_cond) / draws
+            error_target += (target_cond - noise).pow(2).mean((1, 2, 3)) / draws
+            error_source += (query_at_source - noise).pow(2).mean((1, 2, 3)) / draws
+        per_case = {
+            "gradient": gradient.pow(2).mean((1, 2, 3)),
+            "conditional": conditional.pow(2).mean((1, 2, 3)),
+            "guided": (gradient - conditional).pow(2).mean((1, 2, 3)),
+            "error_at_target": error_target,
+            "error_at_source": error_source,
+        }
+        for background in BACKGROUNDS:
+            chosen = torch.tensor([case.source.background == background for case in cases], device=editor.device)
+            if chosen.any():
+                rows.append(DriftRow(timestep, background,
+                                     **{k: float(v[chosen].mean()) for k, v in per_case.items()}))  # fmt: skip
+    return rows
+
+
+def format_table(rows: list[DriftRow]) -> str:
+    """A markdown table: one line per timestep, white and black side by side."""
+    backgrounds = list(dict.fromkeys(row.background for row in rows))
+    fields = ("gradient", "conditional", "guided", "error_at_target", "error_at_source")
+    header = " | ".join(f"{field} ({'/'.join(backgrounds)})" for field in fields)
+    lines = [f"| t | {header} |", "|---" * (len(fields) + 1) + "|"]
+    for timestep in dict.fromkeys(row.timestep for row in rows):
+        by_background = {row.background: row for row in rows if row.timestep == timestep}
+        cells = [" / ".join(f"{getattr(by_background[b], field):.4f}" for b in backgrounds) for field in fields]
+        lines.append(f"| {timestep} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ddsedit.shapes.drift", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="shapes")
+    parser.add_argument("--cases", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=123, help="case seed (123: the tune cases, not the eval's)")
+    parser.add_argument("--draws", type=int, default=8, help="noise draws averaged per timestep")
+    parser.add_argument("--guidance", type=float, default=None, help="default: the model's")
+    parser.add_argument("--timesteps", default=",".join(map(str, TIMESTEPS)))
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+
+    from ddsedit.loading import quiet_third_party_output
+
+    quiet_third_party_output()
+    editor = Editor.from_pretrained(args.model, device=args.device)
+    cases = evaluate.recolour_cases(args.cases, seed=args.seed)
+    timesteps = tuple(int(t) for t in args.timesteps.split(","))
+    rows = drift_table(editor, cases, timesteps, draws=args.draws, guidance=args.guidance)
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()
