@@ -140,6 +140,34 @@ def test_init_vae_skips_phase_a_and_keeps_the_autoencoder(tiny_run, tmp_path):
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_init_model_fine_tunes_the_text_encoder_and_unet_of_a_finished_model(tiny_run, tmp_path):
+    source = tiny_run[0] / "final"
+    # no step yet: the run starts from the source model's weights, trained copy and EMA alike
+    run_tiny(tmp_path, "--init-model", str(source), "--stop-after", "0")
+    state = torch.load(tmp_path / train.CHECKPOINT, weights_only=False)
+    assert (state["phase"], state["step"]) == ("unet", 0) and state["config"]["init_model"] == str(source)
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch.float32).state_dict()
+    text = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=torch.float32).state_dict()
+    for trained, ema, original in (("unet", "unet_ema", unet), ("text_encoder", "text_ema", text)):
+        for name, value in original.items():
+            torch.testing.assert_close(state[trained][name], value, msg=name)
+            torch.testing.assert_close(state[ema][name], value, msg=name)
+    # then it trains and exports: the UNet moved, the VAE is the source's
+    run_tiny(tmp_path, "--init-model", str(source), "--resume")
+    tuned = UNet2DConditionModel.from_pretrained(tmp_path / "final", subfolder="unet", torch_dtype=torch.float32)
+    assert any(not torch.equal(value, unet[name]) for name, value in tuned.state_dict().items())
+    original_vae = AutoencoderKL.from_pretrained(source, subfolder="vae").state_dict()
+    for name, value in AutoencoderKL.from_pretrained(tmp_path / "final", subfolder="vae").state_dict().items():
+        torch.testing.assert_close(value, original_vae[name], msg=name)
+
+
+def test_finetune_config_keeps_the_default_architecture():
+    assert (config.finetune().vae, config.finetune().text, config.finetune().unet) == (
+        config.default().vae, config.default().text, config.default().unet,
+    )  # fmt: skip
+    assert config.finetune().empty_caption_prob > config.default().empty_caption_prob
+
+
 def test_unet_minutes_sets_the_step_count_from_measured_speed(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "CALIBRATION_START", 3)
     monkeypatch.setattr(train, "CALIBRATION_STEPS", 10)

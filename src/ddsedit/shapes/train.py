@@ -12,7 +12,8 @@ Phases:
                EMA; the text encoder trains jointly unless configured frozen.
 Then the EMA weights are exported in fp16 to DIR/final.
 
-`--init-vae` takes the autoencoder (and its scaling_factor) of an existing shapes model and skips phase (a).
+`--init-vae` takes the autoencoder (and its scaling_factor) of an existing shapes model and skips phase (a);
+`--init-model` takes its text encoder and UNet as well, to fine-tune them (e.g. with `--config finetune`).
 `--unet-minutes` sizes phase (c) to a time budget: the speed is measured during the warm-up (whose
 learning rate does not depend on the total) and `unet_steps` set from it, then recorded in the config.
 
@@ -58,7 +59,8 @@ CALIBRATION_STEPS = 100
 CALIBRATION_MARGIN = 0.85
 
 PHASES = ("vae", "unet", "done")
-RUN_TIME_FIELDS = ("init_vae", "vae_steps", "unet_steps")  # config fields that --init-vae / --unet-minutes set
+# config fields that --init-vae / --init-model / --unet-minutes set
+RUN_TIME_FIELDS = ("init_vae", "init_model", "vae_steps", "unet_steps")
 CHECKPOINT = "checkpoint.pt"
 LATENTS = "latents.pt"
 
@@ -171,7 +173,7 @@ class Trainer:
             saved = TrainConfig.from_dict(ckpt["config"])
             for name in RUN_TIME_FIELDS:
                 setattr(self.cfg, name, getattr(saved, name))
-            if ckpt["config"] != self.cfg.to_dict():
+            if saved.to_dict() != self.cfg.to_dict():  # via from_dict: fields added since then take defaults
                 raise SystemExit(f"{path} was made with another config; resume with the same --config and --seed")
         self.phase, self.step = ckpt["phase"], ckpt["step"]
         if extend_unet:
@@ -189,6 +191,21 @@ class Trainer:
         self.cfg.vae_steps = 0
         self.cfg.init_vae = str(model_dir)
         self.phase, self.step = "unet", 0
+
+    def init_model_from(self, model_dir: Path) -> None:
+        """Start from a finished shapes model: its VAE (as ``init_vae_from``), text encoder and UNet.
+
+        The trained weights and their EMA both start from the model's (EMA) weights, so a
+        fine-tune's EMA does not average in the random initialisation.
+        """
+        self.init_vae_from(model_dir)
+        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", torch_dtype=torch.float32)
+        for model in (self.unet, self.unet_ema):
+            model.load_state_dict(unet.state_dict())
+        for model in (self.text_encoder, self.text_ema):
+            model.load_state_dict(text_encoder.state_dict())
+        self.cfg.init_model = str(model_dir)
 
     def _advance(self, phase: str) -> None:
         self.phase, self.step = phase, 0
@@ -436,6 +453,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
     parser.add_argument("--pool-workers", type=int, default=1, help="processes rendering the latent pool")
     parser.add_argument("--init-vae", type=Path, default=None, help="take the VAE of this shapes model folder")
+    parser.add_argument(
+        "--init-model", type=Path, default=None,
+        help="fine-tune this shapes model folder: take its VAE, text encoder and UNet",
+    )  # fmt: skip
     parser.add_argument("--unet-minutes", type=float, default=None, help="size the UNet phase to this budget")
     parser.add_argument(
         "--extend-unet",
@@ -460,6 +481,9 @@ def main(argv: list[str] | None = None) -> None:
         trainer.console.print(f"resuming at phase {trainer.phase}, step {trainer.step}")
     elif ckpt.exists():
         raise SystemExit(f"{ckpt} exists: pass --resume to continue it, or choose another --out")
+    elif args.init_model is not None:
+        trainer.init_model_from(args.init_model)
+        trainer.console.print(f"fine-tuning {args.init_model} (scaling_factor {trainer.scaling_factor:.4f})")
     elif args.init_vae is not None:
         trainer.init_vae_from(args.init_vae)
         trainer.console.print(f"VAE from {args.init_vae} (scaling_factor {trainer.scaling_factor:.4f})")
