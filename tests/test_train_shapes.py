@@ -161,6 +161,13 @@ def test_init_model_fine_tunes_the_text_encoder_and_unet_of_a_finished_model(tin
         torch.testing.assert_close(value, original_vae[name], msg=name)
 
 
+def test_init_model_or_vae_that_is_no_model_folder_is_a_one_line_error(tmp_path):
+    for flag in ("--init-model", "--init-vae"):
+        with pytest.raises(SystemExit, match=f"{flag}: .* is not a shapes model folder"):
+            run_tiny(tmp_path / "out", flag, str(tmp_path / "missing"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_finetune_config_keeps_the_default_architecture():
     assert (config.finetune().vae, config.finetune().text, config.finetune().unet) == (
         config.default().vae, config.default().text, config.default().unet,

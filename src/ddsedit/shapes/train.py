@@ -466,6 +466,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
+    for flag, folder in (("--init-model", args.init_model), ("--init-vae", args.init_vae)):
+        if folder is not None and not all((folder / part).is_dir() for part in ("vae", "text_encoder", "unet")):
+            raise SystemExit(f"{flag}: {folder} is not a shapes model folder (with vae/, text_encoder/ and unet/)")
+    if args.init_model is not None and args.init_vae is not None:
+        raise SystemExit("--init-model already takes the model's VAE: leave out --init-vae")
     cfg = CONFIGS[args.config]()
     cfg.seed = args.seed
     trainer = Trainer(cfg, args.out, device=args.device, pool_workers=args.pool_workers,
