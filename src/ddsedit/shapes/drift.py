@@ -25,6 +25,7 @@ import argparse
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from ddsedit import scores
 from ddsedit.editor import Editor
@@ -49,7 +50,7 @@ class DriftRow:
     error_at_source: float  # the same caption's error at the unedited source
 
 
-def _latents(editor: Editor, images: list) -> torch.Tensor:
+def _latents(editor: Editor, images: list[Image.Image]) -> torch.Tensor:
     pixels = torch.cat([image_to_tensor(image, (IMAGE_SIZE, IMAGE_SIZE)) for image in images])
     return editor.encode_image(pixels)
 
