@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -161,11 +162,18 @@ def test_init_model_fine_tunes_the_text_encoder_and_unet_of_a_finished_model(tin
         torch.testing.assert_close(value, original_vae[name], msg=name)
 
 
-def test_init_model_or_vae_that_is_no_model_folder_is_a_one_line_error(tmp_path):
+def test_init_model_or_vae_that_is_no_model_folder_is_a_one_line_error(tiny_run, tmp_path):
     for flag in ("--init-model", "--init-vae"):
         with pytest.raises(SystemExit, match=f"{flag}: .* is not a shapes model folder"):
             run_tiny(tmp_path / "out", flag, str(tmp_path / "missing"))
     assert not (tmp_path / "out").exists()
+    # --init-vae takes only the autoencoder: a folder with vae/ alone is enough for it, not for --init-model
+    vae_only = tmp_path / "vae-only"
+    shutil.copytree(tiny_run[0] / "final" / "vae", vae_only / "vae")
+    with pytest.raises(SystemExit, match=r"--init-model: .* \(with vae/, text_encoder/, unet/\)"):
+        run_tiny(tmp_path / "out", "--init-model", str(vae_only))
+    run_tiny(tmp_path / "out", "--init-vae", str(vae_only), "--stop-after", "0")
+    assert torch.load(tmp_path / "out" / train.CHECKPOINT, weights_only=False)["config"]["init_vae"] == str(vae_only)
 
 
 def test_finetune_config_keeps_the_default_architecture():

@@ -466,9 +466,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    for flag, folder in (("--init-model", args.init_model), ("--init-vae", args.init_vae)):
-        if folder is not None and not all((folder / part).is_dir() for part in ("vae", "text_encoder", "unet")):
-            raise SystemExit(f"{flag}: {folder} is not a shapes model folder (with vae/, text_encoder/ and unet/)")
+    # each flag needs the parts it takes: --init-vae only the VAE, --init-model all three
+    for flag, folder, parts in (("--init-model", args.init_model, ("vae", "text_encoder", "unet")),
+                                ("--init-vae", args.init_vae, ("vae",))):  # fmt: skip
+        if folder is not None and not all((folder / part).is_dir() for part in parts):
+            needed = ", ".join(f"{part}/" for part in parts)
+            raise SystemExit(f"{flag}: {folder} is not a shapes model folder (with {needed})")
     if args.init_model is not None and args.init_vae is not None:
         raise SystemExit("--init-model already takes the model's VAE: leave out --init-vae")
     cfg = CONFIGS[args.config]()
