@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from ddsedit.shapes import evaluate
@@ -56,3 +57,25 @@ def test_report_runs_end_to_end_on_the_tiny_model(tiny_model_dir) -> None:
     assert "| dds |" in evaluate.format_report(report)
     assert {"iou_median_white", "iou_median_black", "background_change"} <= set(report.held)
     assert "DDS started at the right answer" in evaluate.format_report(report)
+    # every figure has an interval around it, and every case's scores are kept for compare
+    assert set(report.intervals) == {"sds", "dds", "masked-dds", "held"}
+    for run, figures in [*report.methods.items(), ("held", report.held)]:
+        for name, (low, high) in report.intervals[run].items():
+            assert low <= figures[name] <= high, (run, name)
+        assert [record["index"] for record in report.case_scores[run]] == [0, 1]
+
+
+def test_summary_figures_come_from_the_case_scores() -> None:
+    cases = evaluate.recolour_cases(4, seed=1)
+    scores = [
+        evaluate.CaseScore(recoloured=i != 3, iou=0.2 * (i + 1), background_change=float(i), dots_kept=i, dots=4)
+        for i in range(4)
+    ]
+    summary = evaluate.summarise(cases, scores)
+    assert summary["recolour_rate"] == 0.75
+    # cases alternate white, black: white IoUs 0.2, 0.6; black 0.4, 0.8
+    assert summary["iou_median_white"] == pytest.approx(0.4) and summary["iou_median_black"] == pytest.approx(0.6)
+    assert summary["background_change"] == 1.5 and summary["dots_kept_rate"] == 6 / 16
+    intervals = evaluate.summarise_intervals(cases, scores)
+    assert intervals["dots_kept_rate"][0] <= 6 / 16 <= intervals["dots_kept_rate"][1]
+    assert intervals["recolour_rate"][0] < intervals["recolour_rate"][1]

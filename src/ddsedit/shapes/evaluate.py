@@ -7,13 +7,16 @@ same case rendered with the query's colour), so success can be measured, not eye
 - background change: mean |edited - source| outside the source shape grown by 3 px (0-255 levels);
 - dots kept: a grey dot whose pixels stay within 40 levels of grey on average;
 - masked DDS: the largest change outside the mask (paste-back keeps it at 0).
-Background swaps and shape swaps are reported as well, without a target yet.
+Background swaps and shape swaps are reported as well, without a target yet. Each figure comes
+with a 95% bootstrap interval over the cases, and ``report.json`` keeps every case's scores so
+that two runs on the same cases can be compared case by case (``python -m ddsedit.shapes.compare``).
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from PIL import Image
 
 from ddsedit.editor import EditConfig, Editor, EditRequest
 from ddsedit.shapes.metrics import colour_mask, dilate, estimate_background, fit_shape, iou
+from ddsedit.shapes.stats import bootstrap_interval
 from ddsedit.shapes.world import (
     BACKGROUNDS,
     COLOURS,
@@ -84,6 +88,10 @@ class Report:
     swaps: dict[str, dict[str, float]] = field(default_factory=dict)
     held: dict[str, float] = field(default_factory=dict)  # DDS started at the right answer
     settings: dict[str, object] = field(default_factory=dict)
+    seed: int = 0  # of the cases: runs with the same seed and count edited the same cases
+    # 95% bootstrap interval [low, high] of each figure, per run ("sds", "dds", "masked-dds", "held")
+    intervals: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    case_scores: dict[str, list[dict[str, object]]] = field(default_factory=dict)  # per run, in case order
 
 
 def recolour_cases(count: int, seed: int) -> list[EditCase]:
@@ -165,27 +173,61 @@ def score_edit(case: EditCase, edited_image: Image.Image, mask: Image.Image | No
     return score
 
 
+def _ratio(columns: np.ndarray) -> float:
+    """Kept dots over all dots, from rows of (kept, count)."""
+    return float(columns[:, 0].sum() / max(1.0, columns[:, 1].sum()))
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(np.mean(values))
+
+
+def _median(values: np.ndarray) -> float:
+    return float(np.median(values))
+
+
+def figure_values(
+    backgrounds: list[str], scores: list[CaseScore]
+) -> dict[str, tuple[np.ndarray, Callable[[np.ndarray], float]]]:
+    """Each figure of the report as (one value per case, the statistic over cases)."""
+    figures: dict[str, tuple[np.ndarray, Callable[[np.ndarray], float]]] = {
+        "recolour_rate": (np.array([float(s.recoloured) for s in scores]), _mean),
+        "iou_median": (np.array([s.iou for s in scores]), _median),
+    }
+    for background in BACKGROUNDS:
+        values = [s.iou for b, s in zip(backgrounds, scores, strict=True) if b == background]
+        if values:
+            figures[f"iou_median_{background}"] = (np.array(values), _median)
+    figures["background_change"] = (np.array([s.background_change for s in scores]), _mean)
+    figures["dots_kept_rate"] = (np.array([[s.dots_kept, s.dots] for s in scores], dtype=np.float64), _ratio)
+    return figures
+
+
 def summarise(cases: list[EditCase], scores: list[CaseScore]) -> dict[str, float]:
     """The report's figures for one method."""
-    by_background = {
-        background: [s.iou for c, s in zip(cases, scores, strict=True) if c.source.background == background]
-        for background in BACKGROUNDS
-    }
-    summary = {
-        "recolour_rate": float(np.mean([s.recoloured for s in scores])),
-        "iou_median": float(statistics.median(s.iou for s in scores)),
-        **{
-            f"iou_median_{background}": float(statistics.median(values))
-            for background, values in by_background.items()
-            if values
-        },
-        "background_change": float(np.mean([s.background_change for s in scores])),
-        "dots_kept_rate": float(sum(s.dots_kept for s in scores) / max(1, sum(s.dots for s in scores))),
-    }
+    backgrounds = [case.source.background for case in cases]
+    summary = {name: statistic(values) for name, (values, statistic) in figure_values(backgrounds, scores).items()}
     outside = [s.outside_mask_change for s in scores if s.outside_mask_change is not None]
     if outside:
         summary["outside_mask_max_change"] = float(max(outside))
     return summary
+
+
+def summarise_intervals(cases: list[EditCase], scores: list[CaseScore]) -> dict[str, list[float]]:
+    """The 95% bootstrap interval [low, high] over cases of each of ``summarise``'s figures."""
+    backgrounds = [case.source.background for case in cases]
+    return {
+        name: list(bootstrap_interval(values, statistic))
+        for name, (values, statistic) in figure_values(backgrounds, scores).items()
+    }
+
+
+def case_records(cases: list[EditCase], scores: list[CaseScore]) -> list[dict[str, object]]:
+    """Every case's scores, with its index and background, as the JSON report keeps them."""
+    return [
+        {"index": case.index, "background": case.source.background, **asdict(score)}
+        for case, score in zip(cases, scores, strict=True)
+    ]
 
 
 def run_edits(
@@ -239,17 +281,21 @@ def evaluate(
     """
     config = config or editor.config()
     cases = recolour_cases(count, seed)
-    report = Report(cases=count, settings={k: v for k, v in asdict(config).items() if k != "seed"})
+    report = Report(cases=count, seed=seed, settings={k: v for k, v in asdict(config).items() if k != "seed"})
     edited_by_method: dict[str, list[Image.Image]] = {}
     for method in METHODS:
         edited, masks = run_edits(editor, cases, method, config, batch_size)
         scores = [score_edit(c, image, mask) for c, image, mask in zip(cases, edited, masks, strict=True)]
         report.methods[method] = summarise(cases, scores)
+        report.intervals[method] = summarise_intervals(cases, scores)
+        report.case_scores[method] = case_records(cases, scores)
         edited_by_method[method] = edited
     if hold:
         edited, _ = run_edits(editor, cases, "dds", config, batch_size, start_at_target=True)
         scores = [score_edit(c, image) for c, image in zip(cases, edited, strict=True)]
         report.held = summarise(cases, scores)
+        report.intervals["held"] = summarise_intervals(cases, scores)
+        report.case_scores["held"] = case_records(cases, scores)
     for kind in ("background", "shape"):
         if swaps <= 0:
             break
@@ -269,27 +315,41 @@ def evaluate(
     return report, grid(rows)
 
 
+def _with_interval(value: float, interval: list[float] | None, percent: bool = False) -> str:
+    """``0.841 (0.80-0.87)``: a figure and its 95% interval, when there is one."""
+    if percent:
+        text = f"{value:.0%}"
+        return text if interval is None else f"{text} ({interval[0]:.0%}-{interval[1]:.0%})"
+    text = f"{value:.3f}"
+    return text if interval is None else f"{text} ({interval[0]:.2f}-{interval[1]:.2f})"
+
+
 def format_report(report: Report) -> str:
-    """The report as a plain-text table (also the README's)."""
+    """The report as a plain-text table (also the README's); 95% intervals over cases in brackets."""
     lines = [
-        f"shapes eval: {report.cases} recolour cases",
+        f"shapes eval: {report.cases} recolour cases (seed {report.seed}); 95% bootstrap intervals in brackets",
         "| method | recolour | IoU median (white) | IoU median (black) | background change /255 | dots kept "
         "| outside-mask max change |",
         "|---|---|---|---|---|---|---|",
     ]
+    nan = float("nan")
     for method, figures in report.methods.items():
+        intervals = report.intervals.get(method, {})
         outside = figures.get("outside_mask_max_change")
         lines.append(
-            f"| {method} | {figures['recolour_rate']:.0%} | {figures.get('iou_median_white', float('nan')):.3f} "
-            f"| {figures.get('iou_median_black', float('nan')):.3f} | {figures['background_change']:.2f} "
+            f"| {method} | {_with_interval(figures['recolour_rate'], intervals.get('recolour_rate'), percent=True)} "
+            f"| {_with_interval(figures.get('iou_median_white', nan), intervals.get('iou_median_white'))} "
+            f"| {_with_interval(figures.get('iou_median_black', nan), intervals.get('iou_median_black'))} "
+            f"| {figures['background_change']:.2f} "
             f"| {figures['dots_kept_rate']:.0%} | {'' if outside is None else f'{outside:.0f}'} |"
         )
     if report.held:
-        held = report.held
+        held, intervals = report.held, report.intervals.get("held", {})
         lines.append(
-            f"DDS started at the right answer: IoU median {held.get('iou_median_white', float('nan')):.3f} white, "
-            f"{held.get('iou_median_black', float('nan')):.3f} black, background change "
-            f"{held['background_change']:.2f}, recolour {held['recolour_rate']:.0%}"
+            "DDS started at the right answer: IoU median "
+            f"{_with_interval(held.get('iou_median_white', nan), intervals.get('iou_median_white'))} white, "
+            f"{_with_interval(held.get('iou_median_black', nan), intervals.get('iou_median_black'))} black, "
+            f"background change {held['background_change']:.2f}, recolour {held['recolour_rate']:.0%}"
         )
     for kind, figures in report.swaps.items():
         lines.append(
