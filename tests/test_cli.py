@@ -239,3 +239,19 @@ def test_start_of_another_size_is_a_one_line_error(circle_files, tiny_model_dir,
     assert not output.exists()
     missing = _edit("sds", circle_files, tiny_model_dir, "--start", str(tmp_path / "none.png"), "-o", str(output))
     _assert_one_line_error(missing, 2, "none.png")
+
+
+def test_eval_shapes_runs_a_subset_of_methods(tiny_model_dir, tmp_path) -> None:
+    import json
+
+    out_dir = tmp_path / "eval"
+    args = ["eval-shapes", "--model", str(tiny_model_dir), "--cases", "2", "--swaps", "0", "--steps", "2"]
+    result = runner.invoke(app, [*args, "--methods", "dds", "--no-hold", "--out-dir", str(out_dir)])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out_dir / "report.json").read_text())
+    assert set(report["methods"]) == {"dds"} and set(report["case_scores"]) == {"dds"} and not report["held"]
+    assert "| dds |" in result.stdout and "| sds |" not in result.stdout
+    assert Image.open(out_dir / "grid.png").size == (3 * 128, 2 * 128)  # source, target, dds
+    refused = runner.invoke(app, [*args, "--methods", "dds,ddim", "--out-dir", str(tmp_path / "no")])
+    _assert_one_line_error(refused, 2, "--methods must be some of sds, dds, masked-dds")
+    assert not (tmp_path / "no").exists()

@@ -390,6 +390,9 @@ def eval_shapes_command(
     hold: Annotated[
         bool, typer.Option("--hold/--no-hold", help="Also run DDS from the right answer: what DDS can reach.")
     ] = True,
+    methods: Annotated[
+        str, typer.Option("--methods", help="Comma-separated recolour runs: a subset screens a model faster.")
+    ] = "sds,dds,masked-dds",
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Where report.json and grid.png go.")] = Path(
         "shapes-eval"
     ),
@@ -402,16 +405,20 @@ def eval_shapes_command(
 
         quiet_third_party_output()
         from ddsedit.editor import Editor
-        from ddsedit.shapes.evaluate import evaluate, format_report, write_report
+        from ddsedit.shapes.evaluate import METHODS, evaluate, format_report, write_report
 
         if cases < 2 or swaps < 0 or batch_size < 1:
             raise InputError("--cases must be >= 2, --swaps >= 0 and --batch-size >= 1")
+        chosen = tuple(dict.fromkeys(m.strip() for m in methods.split(",") if m.strip()))
+        if not chosen or any(m not in METHODS for m in chosen):
+            raise InputError(f"--methods must be some of {', '.join(METHODS)} (comma-separated), got {methods!r}")
         editor = Editor.from_pretrained(model, device=device, dtype=dtype)
         config = editor.config(steps=steps, guidance=guidance, lr=lr, t_min=t_min, t_max=t_max)
         config.validate(editor.components.num_train_timesteps)
-        runs = f"{cases} cases x {4 if hold else 3} runs + {2 * swaps} swaps"
+        runs = f"{cases} cases x {len(chosen) + hold} runs + {2 * swaps} swaps"
         with stderr.status(f"editing {runs}...", spinner="dots"):
-            report, picture = evaluate(editor, cases, seed, config, swaps=swaps, batch_size=batch_size, hold=hold)
+            report, picture = evaluate(editor, cases, seed, config, swaps=swaps, batch_size=batch_size, hold=hold,
+                                       methods=chosen)  # fmt: skip
         json_path, grid_path = write_report(report, picture, out_dir)
     except typer.Exit:
         raise

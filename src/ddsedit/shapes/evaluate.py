@@ -273,17 +273,22 @@ def evaluate(
     batch_size: int = 8,
     grid_rows: int = 12,
     hold: bool = True,
+    methods: tuple[str, ...] = METHODS,
 ) -> tuple[Report, Image.Image]:
-    """Run the whole eval; returns the report and a grid (source, target, sds, dds, masked-dds).
+    """Run the eval; returns the report and a grid (source, target, then one column per method).
 
     With ``hold``, DDS also runs from the right answer (the target image) on the same cases: the
-    figures it ends at bound what DDS can reach with this model and these settings.
+    figures it ends at bound what DDS can reach with this model and these settings. ``methods``
+    picks the recolour runs (all three by default; a subset is quicker when screening a model).
     """
+    unknown = [method for method in methods if method not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"methods must be some of {', '.join(METHODS)}, got {', '.join(methods) or 'none'}")
     config = config or editor.config()
     cases = recolour_cases(count, seed)
     report = Report(cases=count, seed=seed, settings={k: v for k, v in asdict(config).items() if k != "seed"})
     edited_by_method: dict[str, list[Image.Image]] = {}
-    for method in METHODS:
+    for method in methods:
         edited, masks = run_edits(editor, cases, method, config, batch_size)
         scores = [score_edit(c, image, mask) for c, image, mask in zip(cases, edited, masks, strict=True)]
         report.methods[method] = summarise(cases, scores)
@@ -309,7 +314,7 @@ def evaluate(
             "dots_kept_rate": float(sum(s.dots_kept for s in scores) / max(1, sum(s.dots for s in scores))),
         }
     rows = [
-        [render(case.source)[0], render(case.target)[0], *(edited_by_method[m][case.index] for m in METHODS)]
+        [render(case.source)[0], render(case.target)[0], *(edited_by_method[m][case.index] for m in methods)]
         for case in cases[:grid_rows]
     ]
     return report, grid(rows)
