@@ -8,9 +8,10 @@ cases are resampled together for both runs, which cancels how hard each case is)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
+import numpy.typing as npt
 
 Statistic = Callable[[np.ndarray], float]
 LEVEL = 0.95
@@ -29,7 +30,7 @@ def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
 
 
 def bootstrap_interval(
-    values: Sequence[float], statistic: Statistic = np.median, level: float = LEVEL,
+    values: npt.ArrayLike, statistic: Statistic = np.median, level: float = LEVEL,
     resamples: int = RESAMPLES, seed: int = 0,
 ) -> tuple[float, float]:  # fmt: skip
     """The ``level`` percentile-bootstrap interval of ``statistic`` over ``values`` (one per case)."""
@@ -41,7 +42,7 @@ def bootstrap_interval(
 
 
 def paired_difference(
-    first: Sequence[float], second: Sequence[float], statistic: Statistic = np.median, level: float = LEVEL,
+    first: npt.ArrayLike, second: npt.ArrayLike, statistic: Statistic = np.median, level: float = LEVEL,
     resamples: int = RESAMPLES, seed: int = 0,
 ) -> tuple[float, float, float]:  # fmt: skip
     """``statistic(second) - statistic(first)`` on the same cases, and its paired-bootstrap interval.
