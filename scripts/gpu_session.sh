@@ -5,6 +5,9 @@
 # works with: pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
 #   --platform manylinux_2_17_x86_64 -d .whl diffusers==0.42.1 importlib_metadata):
 #   UNET_MINUTES=3.5 bash scripts/gpu_session.sh      # results in $OUT; the UNet phase takes UNET_MINUTES after ~80 s of start-up and pool
+#   INIT=--init-model UNET_MINUTES=5 bash scripts/gpu_session.sh   # continue the bundled model's UNet and text
+#                                                     # encoder instead of training a UNet from scratch on its VAE
+# EVAL_CASES (40) and EVAL_SECONDS (120, per model) size the eval; the two reports are compared case by case.
 # BENCH_SECONDS=0 skips the sd15 benchmark (already in the README), TUNE_SECONDS=0 the grid.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -21,7 +24,7 @@ python3 -c "import torch, diffusers, transformers, typer; print(torch.__version_
 RUN=/tmp/shapes-gpu
 # the UNet budget plus start-up, the pool (~80 s with 14 workers on a 16-core machine) and the export
 timeout "${TRAIN_SECONDS:-$(python3 -c "print(int(${UNET_MINUTES:-3.5} * 60 + 150))")}" python3 -m ddsedit.shapes.train --out $RUN --config "${CONFIG:-gpu}" --device "${DEVICE:-cuda}" \
-  --pool-workers "${POOL_WORKERS:-14}" --init-vae src/ddsedit/bundled/shapes --unet-minutes "${UNET_MINUTES:-3.5}" --threads 4 \
+  --pool-workers "${POOL_WORKERS:-14}" "${INIT:---init-vae}" src/ddsedit/bundled/shapes --unet-minutes "${UNET_MINUTES:-3.5}" --threads 4 \
   2>&1 | grep -v "Writing model shards\|Loading weights" | tee -a "$OUT/train.log"
 [ -d $RUN/final ] && tar -C $RUN -cf "$OUT/model.tar" final
 
@@ -29,10 +32,12 @@ mkdir -p /tmp/eval
 for model in shapes $RUN/final; do
   name=$(basename "$(dirname $model)"); [ "$model" = shapes ] && name=bundled
   [ -e "$model" ] || [ "$model" = shapes ] || continue
-  timeout 120 python3 -m ddsedit eval-shapes --model "$model" --cases "${EVAL_CASES:-40}" --swaps 8 --batch-size 40 \
+  timeout "${EVAL_SECONDS:-120}" python3 -m ddsedit eval-shapes --model "$model" --cases "${EVAL_CASES:-40}" --swaps 8 --batch-size 40 \
     --device "${DEVICE:-cuda}" --out-dir /tmp/eval/$name 2>&1 | tee /tmp/eval/$name.txt
 done
 tar -C /tmp -cf "$OUT/eval.tar" eval
+[ -f /tmp/eval/shapes-gpu/report.json ] && python3 -m ddsedit.shapes.compare /tmp/eval/bundled/report.json \
+  /tmp/eval/shapes-gpu/report.json | tee "$OUT/compare.txt"
 
 # BENCH_SECONDS=0 / TUNE_SECONDS=0 skip a step (`timeout 0` would mean no limit at all)
 if [ "${BENCH_SECONDS:-240}" -gt 0 ]; then
@@ -45,5 +50,5 @@ fi
 # Settings grid for the new model's edit defaults (partial results are kept if the time runs out).
 [ -d $RUN/final ] && [ "${TUNE_SECONDS:-90}" -gt 0 ] && timeout "${TUNE_SECONDS:-90}" python3 -m ddsedit.shapes.tune --model $RUN/final --cases 40 \
   --batch-size 40 --device "${DEVICE:-cuda}" --methods dds,sds --out "$OUT/tune.jsonl" \
-  --grid '{"lr": [0.05, 0.1, 0.2], "guidance": [7.5, 15], "t_max": [500, 750, 950]}' > /dev/null 2>&1
+  --grid '{"guidance": [5, 6, 7.5, 10], "t_max": [950, 999]}' > /dev/null 2>&1
 echo "done at $(date)"
