@@ -28,16 +28,16 @@ timeout "${TRAIN_SECONDS:-$(python3 -c "print(int(${UNET_MINUTES:-3.5} * 60 + 15
   2>&1 | grep -v "Writing model shards\|Loading weights" | tee -a "$OUT/train.log"
 [ -d $RUN/final ] && tar -C $RUN -cf "$OUT/model.tar" final
 
-mkdir -p /tmp/eval
+EVAL_DIR=$(mktemp -d /tmp/eval.XXXX)  # fresh each call: no report of an earlier run is compared
 for model in shapes $RUN/final; do
   name=$(basename "$(dirname $model)"); [ "$model" = shapes ] && name=bundled
   [ -e "$model" ] || [ "$model" = shapes ] || continue
   timeout "${EVAL_SECONDS:-120}" python3 -m ddsedit eval-shapes --model "$model" --cases "${EVAL_CASES:-40}" --swaps 8 --batch-size 40 \
-    --device "${DEVICE:-cuda}" --out-dir /tmp/eval/$name 2>&1 | tee /tmp/eval/$name.txt
+    --device "${DEVICE:-cuda}" --out-dir "$EVAL_DIR/$name" 2>&1 | tee "$EVAL_DIR/$name.txt"
 done
-tar -C /tmp -cf "$OUT/eval.tar" eval
-[ -f /tmp/eval/shapes-gpu/report.json ] && python3 -m ddsedit.shapes.compare /tmp/eval/bundled/report.json \
-  /tmp/eval/shapes-gpu/report.json | tee "$OUT/compare.txt"
+tar -C "$EVAL_DIR" -cf "$OUT/eval.tar" .
+[ -f "$EVAL_DIR/shapes-gpu/report.json" ] && python3 -m ddsedit.shapes.compare "$EVAL_DIR/bundled/report.json" \
+  "$EVAL_DIR/shapes-gpu/report.json" | tee "$OUT/compare.txt"
 
 # BENCH_SECONDS=0 / TUNE_SECONDS=0 skip a step (`timeout 0` would mean no limit at all)
 if [ "${BENCH_SECONDS:-240}" -gt 0 ]; then
