@@ -144,6 +144,10 @@ class EditRequest:
     mask: ImageLike | None = None
     seed: int | None = None  # None: the config's seed (or a random one)
     start: ImageLike | None = None
+    # SHA-256 of the source and mask files, recorded in the output (computed here when they are paths;
+    # callers that pass loaded images, like batch, pass the hashes of the files they loaded).
+    source_sha256: str | None = None
+    mask_sha256: str | None = None
 
 
 @dataclass
@@ -158,6 +162,8 @@ class _Prepared:
     working_size: tuple[int, int]
     start: Image.Image | None = None
     start_label: str | None = None  # what the metadata records as the start: a path, or "image"
+    source_sha256: str | None = None
+    mask_sha256: str | None = None
 
 
 def _load_rgb(image: ImageLike) -> Image.Image:
@@ -414,7 +420,16 @@ class Editor:
             )
         stride = self.components.vae_scale_factor
         working = imageio.working_size(source.width, source.height, config.size, stride)
-        return _Prepared(source, query, ref, binary_mask, seed, working, start, start_label)
+        source_sha256 = request.source_sha256
+        if source_sha256 is None and not isinstance(request.image, Image.Image):
+            source_sha256 = imageio.file_sha256(request.image)
+        mask_sha256 = None
+        if binary_mask is not None:
+            mask_sha256 = request.mask_sha256
+            if mask_sha256 is None and not isinstance(request.mask, Image.Image):
+                mask_sha256 = imageio.file_sha256(request.mask)
+        return _Prepared(source, query, ref, binary_mask, seed, working, start, start_label, source_sha256,
+                         mask_sha256)  # fmt: skip
 
     def _finish(
         self, item: _Prepared, edited: Image.Image, method: str, config: EditConfig,
@@ -428,12 +443,17 @@ class Editor:
         parameters = {
             **edit_parameters(method, item.ref, item.query, item.seed, config),
             "working_size": f"{item.working_size[0]}x{item.working_size[1]}",
-            "model": self.components.source,
+            "model": self.components.identity or self.components.source,
+            "prediction_type": self.components.prediction_type,
             "dtype": str(self.dtype).removeprefix("torch."),
             "ddsedit_version": __version__,
         }
         if item.start_label is not None:
             parameters["start"] = item.start_label
+        if item.source_sha256 is not None:
+            parameters["source_sha256"] = item.source_sha256
+        if item.mask_sha256 is not None:
+            parameters["mask_sha256"] = item.mask_sha256
         edited.info.update({key: str(value) for key, value in parameters.items()})
         return EditResult(image=edited, parameters=parameters, frames=frames)
 

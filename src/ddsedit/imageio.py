@@ -8,6 +8,7 @@ Everything a user points us at goes through here, so every failure a user can ca
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 from collections.abc import Callable
@@ -353,6 +354,18 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     """Return the text chunks (tEXt, zTXt, iTXt) of a PNG as a plain dict; {} for other formats."""
     with _open_image(Path(path), "image") as image:
         return {str(key): str(value) for key, value in getattr(image, "text", {}).items()}
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, hex: recorded with an edit so that it can be matched to its inputs."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return digest.hexdigest()
 
 
 def default_output_path(source: str | Path, method: str, directory: Path | None = None) -> Path:

@@ -50,7 +50,8 @@ class ModelComponents:
     tokenizer: Any
     alphas_cumprod: Any  # torch.Tensor [num_train_timesteps], fp32
     prediction_type: str
-    source: str  # how the user named the model, for metadata
+    source: str  # how the user named the model
+    identity: str = ""  # the resolved model (see model_identity): what outputs record and batch resume compares
     defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -169,6 +170,25 @@ def locate_model(model: str | os.PathLike | None, allow_pickle: bool = False) ->
         return "folder", _hub_snapshot(name)
     known = ", ".join(bundled) or "none installed"
     raise ModelError(f"unknown model {name!r}: not a file, a folder, a bundled model ({known}) or a hub id (org/name)")
+
+
+def model_identity(model: str | os.PathLike | None, kind: str, path: Path) -> str:
+    """The model an edit ran on, independent of how it was typed: what outputs record as ``model``.
+
+    A bundled model is ``bundled:<name>`` (its folder moves with every install); a hub model is
+    ``<org/name>@<revision>`` (the snapshot folder is named for the commit); anything else is the
+    absolute, symlink-resolved path of the folder or file. ``kind`` and ``path`` come from
+    :func:`locate_model`.
+    """
+    name = str(model) if model is not None else default_model()
+    bundled = bundled_models()
+    if name in bundled and bundled[name] == path:
+        return f"bundled:{name}"
+    resolved = path.resolve()
+    if kind == "folder" and resolved.parent.name == "snapshots" and resolved.parent.parent.name.startswith("models--"):
+        repo_id = resolved.parent.parent.name.removeprefix("models--").replace("--", "/")
+        return f"{repo_id}@{resolved.name}"
+    return str(resolved)
 
 
 def _cached_snapshot(repo_id: str) -> Path | None:
@@ -296,6 +316,7 @@ def load_model(
         alphas_cumprod=parts["scheduler"].alphas_cumprod.float(),
         prediction_type=chosen_prediction_type,
         source=str(model if model is not None else default_model()),
+        identity=model_identity(model, kind, path),
         defaults=defaults,
     )
     return components, torch_device, torch_dtype
