@@ -49,6 +49,20 @@ def test_masked_dds_keeps_pixels_outside_the_mask(tiny_editor: Editor, circle_fi
     assert difference[~outside].max() > 1  # and something did change inside
 
 
+def test_keep_working_size_holds_for_masked_dds_with_paste_back(tiny_editor: Editor, circle_files) -> None:
+    """The paste-back used to resize to the source's 60x40 even with --keep-working-size."""
+    source = imageio.load_image(circle_files["src"])
+    mask = imageio.load_mask(circle_files["mask"], source.size)
+    kept = tiny_editor.masked_dds(
+        source, mask, ref="a red circle", query="a blue circle", steps=2, seed=1, keep_working_size=True
+    )
+    assert kept.size == (32, 22)  # 60x40 scaled to a longest side of 32, in multiples of the stride 2
+    # Outside the mask the pixels are the source's, at the working size.
+    small_source = _pixels(source.resize(kept.size, Image.Resampling.LANCZOS))
+    outside = np.asarray(mask.resize(kept.size, Image.Resampling.NEAREST)) == 0
+    assert np.abs(_pixels(kept) - small_source)[outside].max() <= 1
+
+
 def test_masked_dds_without_paste_back_changes_the_whole_decode(tiny_editor: Editor, circle_files) -> None:
     source = imageio.load_image(circle_files["src"])
     mask = imageio.load_mask(circle_files["mask"], source.size)

@@ -125,6 +125,43 @@ def test_nan_predictions_do_not_poison_the_latents() -> None:
     assert torch.equal(latents, source)
 
 
+class InfiniteElementUNet(RecordingUNet):
+    """RecordingUNet whose target-conditional prediction has +inf in one element."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, return_dict=False):
+        (prediction,) = super().forward(sample, timestep, encoder_hidden_states)
+        prediction = prediction.clone()
+        prediction[3, 0, 0, 0] = float("inf")  # DDS batches [source uncond, source cond, target uncond, target cond]
+        return (prediction,)
+
+
+def test_an_infinite_prediction_element_leaves_its_latent_alone() -> None:
+    """The element becomes 0 (nan_to_num made it 3.4e38 and moved the latent to ~1e37); the rest steps as usual."""
+    source = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    counted: list[int] = []
+    latents = distill(
+        InfiniteElementUNet(), source, _embeddings(), _alphas(), "epsilon", LoopSettings(steps=1, guidance=7.5),
+        [torch.Generator().manual_seed(0)], on_nonfinite=counted.append,
+    )  # fmt: skip
+    assert counted == [1]
+    assert latents[0, 0, 0, 0].item() == source[0, 0, 0, 0].item()
+    # Everywhere else: the stand-in's predictions are 0.5 * z_t + mean(prompt embedding), so the guided
+    # target minus the guided source is 7.5 * (3 - 1) = 15 while both branches share z_t (the first step),
+    # and the step moves by 0.1 * 2000/4096 * 15.
+    expected = source - 0.1 * 2000 / 4096 * 15.0
+    expected[0, 0, 0, 0] = source[0, 0, 0, 0]
+    torch.testing.assert_close(latents, expected, rtol=0, atol=1e-5)
+
+
+def test_finite_runs_report_nothing() -> None:
+    counted: list[int] = []
+    distill(
+        RecordingUNet(), torch.randn(1, 4, 4, 4), _embeddings(), _alphas(), "epsilon", LoopSettings(steps=2),
+        [torch.Generator().manual_seed(0)], on_nonfinite=counted.append,
+    )  # fmt: skip
+    assert counted == []
+
+
 def test_on_step_sees_every_step() -> None:
     seen: list[int] = []
     distill(

@@ -10,11 +10,10 @@ The pipeline is image -> VAE latents -> :func:`ddsedit.optimize.distill` -> deco
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import random
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,71 +26,12 @@ from ddsedit import __version__, imageio
 from ddsedit.errors import DDSEditError, InputError
 from ddsedit.loading import ModelComponents, load_model, resolve_device
 from ddsedit.optimize import METHODS, LoopSettings, PromptEmbeddings, distill
+from ddsedit.settings import EditConfig
+
+__all__ = ["EditConfig", "EditRequest", "EditResult", "Editor", "edit_parameters", "save_result"]
 
 ImageLike = str | os.PathLike | Image.Image
 ProgressCallback = Callable[[int, int], None]
-
-
-@dataclass
-class EditConfig:
-    """Settings of one edit. The defaults are those of the DDS paper's code.
-
-    ``lr`` is the SGD learning rate on the loss ``2000 * sum(z * grad) / 4096``: each step
-    moves every latent element by ``lr * 2000 / 4096 * grad`` (about ``0.049 * grad`` at
-    the default), whatever the image size. Timesteps are drawn uniformly from
-    ``[t_min, t_max)``. A model may store its own defaults (``ddsedit.json``), which
-    :meth:`Editor.config` applies before explicit overrides.
-    """
-
-    steps: int = 200
-    guidance: float = 7.5
-    lr: float = 0.1
-    t_min: int = 50
-    t_max: int = 950
-    seed: int | None = None  # None: a random seed, recorded in the output's metadata
-    negative: str = ""  # replaces the empty unconditional prompt
-    size: int = 512  # longest side of the working image, in pixels
-    keep_working_size: bool = False  # else the result is resized back to the source's size
-    paste_back: bool = True  # masked DDS: keep the source's pixels outside the mask
-    feather: float = 2.0  # masked DDS: width in pixels of the seam's inward blend
-    save_every: int = 0  # keep a decoded frame every N steps (0: none)
-
-    def validate(self, num_train_timesteps: int = 1000) -> None:
-        """Raise InputError for settings that cannot work, with the flag's name in the message."""
-        checks = [
-            (
-                isinstance(self.steps, int) and self.steps > 0,
-                f"--steps must be a positive integer, got {self.steps}",
-            ),
-            (
-                math.isfinite(self.guidance) and self.guidance >= 0,
-                f"--guidance must be >= 0, got {self.guidance}",
-            ),
-            (math.isfinite(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}"),
-            (
-                1 <= self.t_min < self.t_max <= min(999, num_train_timesteps - 1),
-                f"timestep range must satisfy 1 <= --t-min < --t-max <= {min(999, num_train_timesteps - 1)}, "
-                f"got [{self.t_min}, {self.t_max})",
-            ),
-            (self.seed is None or 0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}"),
-            (self.size > 0, f"--size must be positive, got {self.size}"),
-            (
-                math.isfinite(self.feather) and self.feather >= 0,
-                f"--feather must be >= 0, got {self.feather}",
-            ),
-            (self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}"),
-        ]
-        for passed, message in checks:
-            if not passed:
-                raise InputError(message)
-
-    def replace(self, **overrides: Any) -> EditConfig:
-        """A copy with ``overrides`` applied; ``None`` values are ignored (flag not given)."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise InputError(f"unknown edit setting(s): {', '.join(sorted(unknown))}")
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
 @dataclass
@@ -101,6 +41,7 @@ class EditResult:
     image: Image.Image
     parameters: dict[str, Any]
     frames: list[tuple[int, Image.Image]] = field(default_factory=list)  # (step, decoded image)
+    nonfinite_steps: int = 0  # steps whose gradient had NaN or inf elements (treated as 0)
 
     def metadata(self) -> dict[str, str]:
         """PNG text chunks: each parameter as text, plus all of them as JSON under ``ddsedit``."""
@@ -379,18 +320,33 @@ class Editor:
             if on_progress is not None:
                 on_progress(step, config.steps)
 
+        def on_nonfinite(count: int) -> None:
+            nonfinite_steps_seen.append(count)
+
+        nonfinite_steps_seen: list[int] = []
         generators = [torch.Generator(device=self.device).manual_seed(item.seed) for item in prepared]
         settings = LoopSettings(method, config.steps, config.guidance, config.lr, config.t_min, config.t_max)
         latents = distill(
             self.components.unet, source_latents, prompt_embeddings, self.components.alphas_cumprod,
             self.components.prediction_type, settings, generators, mask=latent_mask, on_step=on_step,
-            cuda_graph=self.cuda_graph, initial_latents=initial_latents,
+            cuda_graph=self.cuda_graph, initial_latents=initial_latents, on_nonfinite=on_nonfinite,
         )  # fmt: skip
+        nonfinite_steps = sum(nonfinite_steps_seen)
+        if nonfinite_steps:
+            warnings.warn(
+                f"the model returned NaN or infinite values in {nonfinite_steps} of {config.steps} steps; "
+                "those gradient elements were treated as 0",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         decoded = self.decode_latents(latents)
-        return [
+        results = [
             self._finish(item, imageio.tensor_to_image(decoded[index]), method, config, frames[index])
             for index, item in enumerate(prepared)
         ]
+        for result in results:
+            result.nonfinite_steps = nonfinite_steps
+        return results
 
     def _prepare(self, request: EditRequest, method: str, config: EditConfig) -> _Prepared:
         """Check one request and load its image and mask."""
@@ -435,11 +391,15 @@ class Editor:
         self, item: _Prepared, edited: Image.Image, method: str, config: EditConfig,
         frames: list[tuple[int, Image.Image]],
     ) -> EditResult:  # fmt: skip
-        """Resize back, paste the source outside the mask, and record the parameters."""
+        """Resize back (unless the working size is kept), paste the source outside the mask, record the parameters."""
         if not config.keep_working_size and edited.size != item.source.size:
             edited = edited.resize(item.source.size, Image.Resampling.LANCZOS)
         if item.mask is not None and config.paste_back:
-            edited = imageio.paste_back(edited, item.source, item.mask, config.feather)
+            # At the output's size: the working size when it is kept, else the source's.
+            source = item.source
+            if source.size != edited.size:
+                source = source.resize(edited.size, Image.Resampling.LANCZOS)
+            edited = imageio.paste_back(edited, source, item.mask, config.feather)
         parameters = {
             **edit_parameters(method, item.ref, item.query, item.seed, config),
             "working_size": f"{item.working_size[0]}x{item.working_size[1]}",

@@ -18,6 +18,7 @@ from ddsedit import scores
 METHODS = ("sds", "dds", "masked-dds")
 
 StepCallback = Callable[[int, torch.Tensor], None]
+NonfiniteCallback = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class LoopSettings:
     guidance: float = 7.5
     lr: float = 0.1
     t_min: int = 50
-    t_max: int = 950  # exclusive, as in the DDS reference code
+    t_max: int = 950  # exclusive: t is drawn uniformly from the integers t_min, ..., t_max - 1 (50 to 949)
 
 
 @dataclass
@@ -129,6 +130,7 @@ def distill(
     on_step: StepCallback | None = None,
     cuda_graph: bool = False,
     initial_latents: torch.Tensor | None = None,
+    on_nonfinite: NonfiniteCallback | None = None,
 ) -> torch.Tensor:
     """Optimise latents [K, C, h, w] starting from ``source_latents`` and return them (fp32).
 
@@ -146,6 +148,9 @@ def distill(
     and replays it: the same kernels on the same numbers, without launching each of the
     UNet's many kernels from Python every step. On a device other than CUDA the same
     static-buffer loop runs without recording (the tests check it against the plain loop).
+
+    NaN and infinite gradient elements are treated as 0 (:func:`ddsedit.scores.zero_nonfinite`);
+    if any step had some, ``on_nonfinite(steps_with_any)`` is called once at the end.
     """
     device = source_latents.device
     alphas_cumprod = alphas_cumprod.to(device=device, dtype=torch.float32)
@@ -158,24 +163,33 @@ def distill(
     if start.shape != source_latents.shape:
         raise ValueError(f"initial latents {tuple(start.shape)} differ from the source's {tuple(source_latents.shape)}")
 
+    # Steps whose gradient had a non-finite element, counted on the device (read once, at the end).
+    nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device)
+
     def update(latents: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         gradient = distillation_gradient(
             unet, latents, source_latents, embeddings, timesteps, noise,
             alphas_cumprod, prediction_type, gradient_method, settings.guidance,
         )  # fmt: skip
+        gradient, had_nonfinite = scores.zero_nonfinite(gradient)
+        nonfinite_steps.add_(had_nonfinite)
         if mask is not None:
             gradient = gradient * mask
         return scores.sgd_step(latents, gradient, settings.lr)
 
     with torch.no_grad():
         if cuda_graph:
-            return _distill_replayed(update, start, generators, settings, image_shape, on_step)
-        latents = start.clone()
-        for step in range(1, settings.steps + 1):
-            timesteps, noise = draw_step(generators, settings, image_shape, device)
-            latents = update(latents, timesteps, noise)
-            if on_step is not None:
-                on_step(step, latents)
+            latents = _distill_replayed(update, start, generators, settings, image_shape, on_step, nonfinite_steps)
+        else:
+            latents = start.clone()
+            for step in range(1, settings.steps + 1):
+                timesteps, noise = draw_step(generators, settings, image_shape, device)
+                latents = update(latents, timesteps, noise)
+                if on_step is not None:
+                    on_step(step, latents)
+    count = int(nonfinite_steps)
+    if count and on_nonfinite is not None:
+        on_nonfinite(count)
     return latents
 
 
@@ -186,6 +200,7 @@ def _distill_replayed(
     settings: LoopSettings,
     image_shape: tuple[int, ...],
     on_step: StepCallback | None,
+    nonfinite_steps: torch.Tensor,
 ) -> torch.Tensor:
     """The loop over fixed buffers: each step copies its draws in and replays the recorded update.
 
@@ -216,6 +231,7 @@ def _distill_replayed(
         with torch.cuda.graph(graph):
             step_in_place()
         latents.copy_(start_latents)
+        nonfinite_steps.zero_()  # the warm-up and capture steps are not real steps
         replay = graph.replay
     for step in range(1, settings.steps + 1):
         if step > 1:

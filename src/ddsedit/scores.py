@@ -57,7 +57,7 @@ def classifier_free_guidance(
 
 def sds_gradient(target_epsilon: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Score Distillation Sampling: the guided prediction minus the noise that was added."""
-    return torch.nan_to_num(target_epsilon - noise)
+    return target_epsilon - noise
 
 
 def dds_gradient(target_epsilon: torch.Tensor, source_epsilon: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,18 @@ def dds_gradient(target_epsilon: torch.Tensor, source_epsilon: torch.Tensor) -> 
     Both predictions must come from the same timestep and the same noise, so that the
     noise and the prompt-independent part of the score cancel.
     """
-    return torch.nan_to_num(target_epsilon - source_epsilon)
+    return target_epsilon - source_epsilon
+
+
+def zero_nonfinite(gradient: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient with NaN and +-inf elements set to 0, and whether there were any (a 0-dim bool tensor).
+
+    Zero, not ``nan_to_num``'s +-3.4e38: one infinite element of a UNet output would
+    otherwise move its latent to about 1e37 in a single step. The flag stays on the
+    device, so that checking it costs no host sync per step.
+    """
+    finite = torch.isfinite(gradient)
+    return torch.where(finite, gradient, torch.zeros_like(gradient)), ~finite.all()
 
 
 def sgd_step(latents: torch.Tensor, gradient: torch.Tensor, lr: float) -> torch.Tensor:
