@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from ddsedit import imageio
-from ddsedit.editor import EditConfig, Editor, EditRequest, save_result
+from ddsedit.editor import EditConfig, Editor, EditRequest, save_result, webui_parameters
 from ddsedit.errors import InputError
 
 
@@ -92,6 +96,53 @@ def test_metadata_round_trip_reproduces_the_edit(tiny_editor: Editor, circle_ima
     assert np.array_equal(_pixels(again.image), _pixels(Image.open(path)))
     with pytest.raises(InputError, match="output exists"):
         save_result(result, path)
+
+
+def test_webui_parameters_text_is_what_image_browsers_parse(tiny_editor: Editor, circle_image, tmp_path) -> None:
+    config = tiny_editor.config(steps=4, guidance=5.0, seed=11, negative="blurry, dark")
+    result = tiny_editor.edit(circle_image, "dds", query="a blue circle", ref="a red circle", config=config)
+    text = imageio.read_metadata(save_result(result, tmp_path / "out.png"))["parameters"]
+    prompt, negative, fields = text.split("\n")
+    assert prompt == "a blue circle"
+    assert negative == "Negative prompt: blurry, dark"
+    assert fields.startswith("Steps: 4, CFG scale: 5.0, Seed: 11, Size: 60x40, Model: ")
+    assert "Method: dds, Ref prompt: a red circle, Learning rate: 0.1, Timesteps: 50-949, " in fields
+    assert f"Model: {tiny_editor.components.identity}, " in fields  # the resolved folder (no comma: not quoted)
+    # A value with a comma, colon or quote is quoted, as web UIs do.
+    assert "Model: \"bundled:shapes\"" in webui_parameters({**result.parameters, "model": "bundled:shapes"}, (8, 8))
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".jpeg", ".webp"])
+def test_jpeg_and_webp_outputs_carry_the_parameters(tiny_editor: Editor, circle_image, tmp_path, suffix) -> None:
+    result = tiny_editor.edit(circle_image, "sds", query="a blue circlé", config=tiny_editor.config(steps=2, seed=4))
+    path = save_result(result, tmp_path / f"out{suffix}")
+    with Image.open(path) as written:
+        assert written.format == {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}[suffix]
+    metadata = imageio.read_metadata(path)
+    assert json.loads(metadata["ddsedit"]) == json.loads(json.dumps(result.parameters))
+    assert metadata["parameters"].startswith("a blue circlé\nSteps: 2,")
+
+
+def test_other_output_extensions_are_refused(tiny_editor: Editor, circle_image, tmp_path) -> None:
+    result = tiny_editor.edit(circle_image, "sds", query="a blue circle", config=tiny_editor.config(steps=1, seed=4))
+    for name in ("out.gif", "out"):
+        with pytest.raises(InputError, match="name a .png, .jpg, .jpeg, .webp file"):
+            save_result(result, tmp_path / name)
+        assert not (tmp_path / name).exists()
+
+
+def test_outputs_record_the_files_hashes_the_model_and_its_prediction_type(tiny_editor: Editor, circle_files):
+    result = tiny_editor.edit(
+        circle_files["src"], "masked-dds", query="a blue circle", ref="a red circle", mask=circle_files["mask"],
+        config=tiny_editor.config(steps=1, seed=0),
+    )  # fmt: skip
+    expected_source = hashlib.sha256(circle_files["src"].read_bytes()).hexdigest()
+    expected_mask = hashlib.sha256(circle_files["mask"].read_bytes()).hexdigest()
+    assert result.parameters["source_sha256"] == expected_source
+    assert result.parameters["mask_sha256"] == expected_mask
+    assert result.parameters["prediction_type"] == "epsilon"
+    folder = tiny_editor.components.source
+    assert result.parameters["model"] == str(Path(folder).resolve())
 
 
 def test_frames_are_kept_every_n_steps(tiny_editor: Editor, circle_image) -> None:

@@ -28,7 +28,7 @@ from ddsedit.loading import ModelComponents, load_model, resolve_device
 from ddsedit.optimize import METHODS, LoopSettings, PromptEmbeddings, distill
 from ddsedit.settings import EditConfig
 
-__all__ = ["EditConfig", "EditRequest", "EditResult", "Editor", "edit_parameters", "save_result"]
+__all__ = ["EditConfig", "EditRequest", "EditResult", "Editor", "edit_parameters", "save_result", "webui_parameters"]
 
 ImageLike = str | os.PathLike | Image.Image
 ProgressCallback = Callable[[int, int], None]
@@ -44,10 +44,42 @@ class EditResult:
     nonfinite_steps: int = 0  # steps whose gradient had NaN or inf elements (treated as 0)
 
     def metadata(self) -> dict[str, str]:
-        """PNG text chunks: each parameter as text, plus all of them as JSON under ``ddsedit``."""
+        """Text for the output file: each parameter, all of them as JSON under ``ddsedit``, and
+        ``parameters`` in the form Stable Diffusion web UIs write (which image browsers show)."""
         text = {key: str(value) for key, value in self.parameters.items()}
         text["ddsedit"] = json.dumps(self.parameters, sort_keys=True)
+        text["parameters"] = webui_parameters(self.parameters, self.image.size)
         return text
+
+
+def _webui_value(value: Any) -> str:
+    """A value as web UIs write it in ``Key: value, ...``: quoted when it holds a comma, colon or newline."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:\n"') else text
+
+
+def webui_parameters(parameters: dict[str, Any], size: tuple[int, int]) -> str:
+    """The ``parameters`` text of Stable Diffusion web UIs: the prompt (here the query), ``Negative prompt:``,
+    then ``Steps: ..., CFG scale: ..., Seed: ..., Size: WxH, Model: ...`` and ddsedit's own fields."""
+    fields: dict[str, Any] = {
+        "Steps": parameters["steps"],
+        "CFG scale": parameters["guidance"],
+        "Seed": parameters["seed"],
+        "Size": f"{size[0]}x{size[1]}",
+        "Model": parameters.get("model", ""),
+        "Method": parameters["method"],
+    }
+    if parameters.get("ref"):
+        fields["Ref prompt"] = parameters["ref"]
+    fields.update({"Learning rate": parameters["lr"], "Timesteps": f"{parameters['t_min']}-{parameters['t_max'] - 1}"})
+    if "feather" in parameters:
+        fields.update({"Paste back": parameters["paste_back"], "Feather": parameters["feather"]})
+    fields["Version"] = f"ddsedit {parameters.get('ddsedit_version', __version__)}"
+    lines = [str(parameters["query"])]
+    if parameters.get("negative"):
+        lines.append(f"Negative prompt: {parameters['negative']}")
+    lines.append(", ".join(f"{key}: {_webui_value(value)}" for key, value in fields.items()))
+    return "\n".join(lines)
 
 
 
@@ -431,5 +463,5 @@ class Editor:
 
 
 def save_result(result: EditResult, path: str | Path, overwrite: bool = False) -> Path:
-    """Write an edit's image atomically as PNG with its parameters in text chunks."""
-    return imageio.save_png(result.image, path, result.metadata(), overwrite=overwrite)
+    """Write an edit's image atomically in the format its extension names (PNG, JPEG, WebP), with its parameters."""
+    return imageio.save_image(result.image, path, result.metadata(), overwrite=overwrite)

@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageChops, ImageFilter, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from ddsedit.errors import InputError
+from ddsedit.formats import OUTPUT_SUFFIXES
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so that checking files does not load it
+    import torch
 
 WHITE = (255, 255, 255)
 BLACK = (0, 0, 0)
@@ -133,6 +136,8 @@ def working_size(width: int, height: int, longest_side: int, stride: int) -> tup
 
 def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     """Resize ``image`` to ``size`` (w, h) and return a float32 tensor [1, 3, h, w] in [-1, 1]."""
+    import torch
+
     image = image.convert("RGB") if image.mode != "RGB" else image
     if image.size != tuple(size):
         image = image.resize(tuple(size), Image.Resampling.LANCZOS)
@@ -143,6 +148,8 @@ def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
 
 def tensor_to_image(tensor: torch.Tensor) -> Image.Image:
     """Turn a [1, 3, h, w] or [3, h, w] tensor in [-1, 1] into an RGB uint8 image (clamped, rounded)."""
+    import torch
+
     if tensor.dim() == 4:
         if tensor.shape[0] != 1:
             raise ValueError(f"expected a batch of one image, got shape {tuple(tensor.shape)}")
@@ -198,6 +205,9 @@ def binarize_mask(mask: Image.Image, size: tuple[int, int], name: str = "mask") 
 
 def mask_to_latent(mask: Image.Image, latent_size: tuple[int, int]) -> torch.Tensor:
     """Area-average ``mask`` down to ``latent_size`` (w, h): float32 [1, 1, h, w] in [0, 1]."""
+    import torch
+    import torch.nn.functional as F
+
     array = np.array(mask.convert("L"), dtype=np.float32) / 255.0
     tensor = torch.from_numpy(array)[None, None]
     width, height = latent_size
@@ -253,6 +263,59 @@ def check_output_path(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
+# EXIF tags for JPEG and WebP: UserComment (in the Exif IFD) is where Stable Diffusion web UIs put their
+# "parameters" text; ImageDescription carries ddsedit's own JSON.
+_EXIF_IFD = 0x8769
+_USER_COMMENT = 0x9286
+_IMAGE_DESCRIPTION = 0x010E
+_UNICODE_PREFIX = b"UNICODE\x00"  # EXIF's marker for a UTF-16 UserComment
+
+
+def check_output_suffix(path: str | Path, flag: str = "output") -> Path:
+    """``path`` if its extension names a format ddsedit writes (PNG, JPEG, WebP), else a one-line InputError."""
+    path = Path(path)
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
+        named = f"'{path.suffix}'" if path.suffix else "no extension"
+        raise InputError(f"{flag} {path} has {named}: name a {', '.join(OUTPUT_SUFFIXES)} file")
+    return path
+
+
+def save_image(image: Image.Image, path: str | Path, metadata: dict[str, str], overwrite: bool) -> Path:
+    """Write ``image`` atomically in the format its extension names, with ``metadata`` inside.
+
+    PNG: each entry as an iTXt chunk (UTF-8). JPEG (quality 95) and WebP (lossless): the
+    ``parameters`` entry as EXIF UserComment and the ``ddsedit`` JSON as EXIF ImageDescription,
+    where image browsers and :func:`read_metadata` find them.
+
+    Raises:
+        InputError: an extension other than .png, .jpg, .jpeg or .webp; see ``check_output_path``.
+    """
+    path = check_output_suffix(path)
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        info = PngImagePlugin.PngInfo()
+        for key, value in metadata.items():
+            info.add_itxt(key, value)  # iTXt is UTF-8; tEXt would mangle non-Latin-1 prompts
+        return _atomic_write(path, overwrite, lambda f: image.save(f, format="PNG", pnginfo=info))
+    exif = Image.Exif()
+    if "ddsedit" in metadata:
+        exif[_IMAGE_DESCRIPTION] = json_ascii(metadata["ddsedit"])
+    if "parameters" in metadata:
+        exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _UNICODE_PREFIX + metadata["parameters"].encode("utf-16-be")
+    rgb = image.convert("RGB")
+    if suffix == ".webp":
+        return _atomic_write(path, overwrite, lambda f: rgb.save(f, format="WEBP", lossless=True, exif=exif))
+    return _atomic_write(path, overwrite, lambda f: rgb.save(f, format="JPEG", quality=95, exif=exif))
+
+
+def json_ascii(text: str) -> str:
+    """JSON text re-encoded with ASCII escapes: EXIF ASCII fields cannot hold other characters."""
+    try:
+        return json.dumps(json.loads(text), ensure_ascii=True, sort_keys=True)
+    except ValueError:
+        return text.encode("ascii", "backslashreplace").decode("ascii")
+
+
 def save_png(image: Image.Image, path: str | Path, metadata: dict[str, str], overwrite: bool) -> Path:
     """Write ``image`` as PNG atomically, with ``metadata`` as iTXt chunks (Unicode-safe).
 
@@ -261,10 +324,9 @@ def save_png(image: Image.Image, path: str | Path, metadata: dict[str, str], ove
     Raises:
         InputError: see ``check_output_path``; also if the write itself fails.
     """
-    info = PngImagePlugin.PngInfo()
-    for key, value in metadata.items():
-        info.add_itxt(key, value)  # iTXt is UTF-8; tEXt would mangle non-Latin-1 prompts
-    return _atomic_write(path, overwrite, lambda f: image.save(f, format="PNG", pnginfo=info))
+    if Path(path).suffix.lower() != ".png":
+        raise InputError(f"{path} must end in .png")
+    return save_image(image, path, metadata, overwrite)
 
 
 def save_gif(
@@ -351,9 +413,19 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
-    """Return the text chunks (tEXt, zTXt, iTXt) of a PNG as a plain dict; {} for other formats."""
+    """The text an image carries: PNG text chunks as a dict; for JPEG and WebP, what :func:`save_image` wrote
+    (``ddsedit``: the JSON, ``parameters``: the web-UI text). {} when there is none."""
     with _open_image(Path(path), "image") as image:
-        return {str(key): str(value) for key, value in getattr(image, "text", {}).items()}
+        found = {str(key): str(value) for key, value in getattr(image, "text", {}).items()}
+        if image.format in ("JPEG", "WEBP"):
+            exif = image.getexif()
+            description = exif.get(_IMAGE_DESCRIPTION)
+            if isinstance(description, str) and description:
+                found["ddsedit"] = description
+            comment = exif.get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+            if isinstance(comment, bytes) and comment.startswith(_UNICODE_PREFIX):
+                found["parameters"] = comment[len(_UNICODE_PREFIX) :].decode("utf-16-be", errors="replace")
+        return found
 
 
 def file_sha256(path: str | Path) -> str:
