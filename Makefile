@@ -1,5 +1,7 @@
 # Two entry points for a fresh machine: `make first-edit` and `make test`.
 # Each makes a virtualenv in .venv, installs PyTorch (CPU build) first, then ddsedit.
+# TORCH is what pip installs first: the default takes a locally provided CPU wheel; elsewhere use PyTorch's
+# CPU index, e.g. make test TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
 VENV ?= .venv
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
@@ -9,7 +11,7 @@ STAMP = $(VENV)/.ddsedit-installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 

@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
 # Run sds, dds and masked-dds on the example images; outputs go to ${OUT:-out/examples}.
 # MODEL defaults to the bundled shapes model when installed, else pass MODEL=path.
+# Works with the virtualenv activated or not: without a ddsedit on PATH it uses the checkout's .venv.
 set -euo pipefail
 cd "$(dirname "$0")"
+if ! command -v ddsedit >/dev/null 2>&1; then
+  if [ -x ../.venv/bin/ddsedit ]; then
+    PATH="$(cd ../.venv/bin && pwd):$PATH"
+  else
+    echo "ddsedit is not installed: run 'make install' in the checkout (or pip install it) first" >&2
+    exit 1
+  fi
+fi
 MODEL=${MODEL:-shapes}
 OUT=${OUT:-../out/examples}
 mkdir -p "$OUT"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -119,7 +121,8 @@ def test_ref_equal_to_query_warns_but_runs(circle_files, tiny_model_dir, tmp_pat
         (["--t-min", "0"], 2, "--t-min"),
         (["--t-max", "1000"], 2, "--t-max"),
         (["--t-min", "600", "--t-max", "400"], 2, "--t-min"),
-        (["--model", "no-such-model"], 1, "unknown model"),
+        (["--model", "no-such-model"], 2, "unknown model"),
+        (["--model", "notes.txt"], 2, "unknown model"),
         (["--device", "cuda"], 2, "CUDA"),
         (["--dtype", "fp8"], 2, "unknown dtype"),
         (["-o", "/no/such/folder/out.png"], 2, "output folder does not exist"),
@@ -165,11 +168,13 @@ def test_bad_files_give_one_line(circle_files, tiny_model_dir, tmp_path) -> None
         files = {**circle_files, **replacement}
         result = _edit(method, files, tiny_model_dir, "-o", str(tmp_path / "o.png"), *extra)
         _assert_one_line_error(result, code, text)
+    # One rule for "the model you named is unusable": exit 2, whatever the reason.
     _assert_one_line_error(
         _edit("dds", circle_files, not_model, "-o", str(tmp_path / "o.png")),
-        1,
+        2,
         "not a diffusers model folder",
     )
+    _assert_one_line_error(_edit("dds", circle_files, not_image, "-o", str(tmp_path / "o.png")), 2, "not a model")
     assert not (tmp_path / "o.png").exists()
 
 
@@ -196,12 +201,17 @@ def test_help_does_not_import_torch() -> None:
     assert output.strip() == "False"
 
 
+def _own_console_script() -> Path:
+    """The ``ddsedit`` script installed beside the interpreter running the tests (not whatever PATH finds)."""
+    return Path(sysconfig.get_path("scripts")) / ("ddsedit.exe" if os.name == "nt" else "ddsedit")
+
+
 def test_installed_console_script_runs_an_edit(circle_files, tiny_model_dir, tmp_path) -> None:
-    executable = shutil.which("ddsedit")
-    assert executable is not None, "ddsedit is not installed on PATH"
+    executable = _own_console_script()
+    assert executable.is_file(), f"ddsedit is not installed for {sys.executable}: pip install -e ."
     environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(
-        [executable, "dds", "--src", str(circle_files["src"]), "--ref", "a red circle", "--query", "a blue circle",
+        [str(executable), "dds", "--src", str(circle_files["src"]), "--ref", "a red circle", "--query", "a blue circle",
          "--model", str(tiny_model_dir), "--steps", "2", "--seed", "1", "--quiet"],
         capture_output=True, text=True, cwd=tmp_path, env=environment, timeout=300,
     )  # fmt: skip
@@ -255,3 +265,106 @@ def test_eval_shapes_runs_a_subset_of_methods(tiny_model_dir, tmp_path) -> None:
     refused = runner.invoke(app, [*args, "--methods", "dds,ddim", "--out-dir", str(tmp_path / "no")])
     _assert_one_line_error(refused, 2, "--methods must be some of sds, dds, masked-dds")
     assert not (tmp_path / "no").exists()
+
+
+def _run_main(*arguments: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m ddsedit ARGS`` in a subprocess: through main(), as the console script runs."""
+    return subprocess.run(
+        [sys.executable, "-m", "ddsedit", *arguments], capture_output=True, text=True, cwd=cwd, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "60"},
+    )  # fmt: skip
+
+
+def test_usage_errors_are_one_line_and_required_options_say_so(circle_files) -> None:
+    missing_ref = _run_main("dds", "--src", str(circle_files["src"]), "--query", "a blue circle")
+    assert missing_ref.returncode == 2 and missing_ref.stdout == ""
+    assert missing_ref.stderr.strip().splitlines() == ["error: Missing option '--ref'. (see 'ddsedit dds --help')"]
+    unknown = _run_main("dds", "--srcc", "x")
+    assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1
+    for command, options in (("dds", ["--ref"]), ("masked-dds", ["--ref", "--mask"])):
+        shown = runner.invoke(app, [command, "--help"], terminal_width=200).stdout
+        for option in options:
+            line = next(text for text in shown.splitlines() if text.strip().startswith(option + " "))
+            assert "[required]" in line, line
+
+
+def test_cheap_checks_come_before_torch_is_imported(circle_files, tmp_path) -> None:
+    """A missing source must fail at once, not after the 7-30 s of heavy imports."""
+    code = (
+        "import sys\nfrom ddsedit.cli import main\n"
+        f"sys.argv = ['ddsedit', 'dds', '--src', {str(tmp_path / 'missing.png')!r}, '--ref', 'a', '--query', 'b']\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n"
+        "    print(exit.code, any(m in sys.modules for m in ('torch', 'diffusers', 'transformers')))\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert completed.stdout.strip() == "2 False", completed
+    assert "source image not found" in completed.stderr
+
+
+def test_long_messages_are_not_wrapped_without_a_terminal(tmp_path) -> None:
+    long_name = tmp_path / ("a-very-long-folder-name-" * 4) / "missing.png"
+    completed = _run_main("dds", "--src", str(long_name), "--ref", "a", "--query", "b")
+    assert completed.stderr.strip() == f"error: source image not found: {long_name}"
+
+
+@pytest.mark.parametrize(("name", "image_format"), [("o.jpg", "JPEG"), ("o.jpeg", "JPEG"), ("o.webp", "WEBP")])
+def test_output_format_follows_the_extension(name, image_format, circle_files, tiny_model_dir, tmp_path) -> None:
+    output = tmp_path / name
+    result = _edit("dds", circle_files, tiny_model_dir, "-o", str(output), "-q", "--seed", "2")
+    assert result.exit_code == 0, result.stderr
+    with Image.open(output) as written:
+        assert written.format == image_format
+    assert read_metadata(output)["parameters"].startswith("a blue circle\nSteps: 3, ")
+
+
+def test_output_names_a_folder_or_a_known_format(circle_files, tiny_model_dir, tmp_path) -> None:
+    folder = tmp_path / "outputs"
+    folder.mkdir()
+    result = _edit("dds", circle_files, tiny_model_dir, "-o", str(folder), "-q")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(folder / "circle.dds.png") and (folder / "circle.dds.png").is_file()
+    for name in ("o.gif", "o"):
+        refused = _edit("dds", circle_files, tiny_model_dir, "-o", str(tmp_path / name))
+        _assert_one_line_error(refused, 2, "name a .png, .jpg, .jpeg, .webp file")
+        assert not (tmp_path / name).exists()
+
+
+def test_frames_are_not_overwritten_without_the_flag(circle_files, tiny_model_dir, tmp_path) -> None:
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    (frames / "circle.dds.0000.png").write_bytes(b"precious")
+    args = ["-q", "--save-every", "1", "--frames", str(frames)]
+    refused = _edit("dds", circle_files, tiny_model_dir, "-o", str(tmp_path / "o.png"), *args)
+    _assert_one_line_error(refused, 2, "frames exist")
+    assert (frames / "circle.dds.0000.png").read_bytes() == b"precious" and not (tmp_path / "o.png").exists()
+    replaced = _edit("dds", circle_files, tiny_model_dir, "-o", str(tmp_path / "o.png"), *args, "--overwrite")
+    assert replaced.exit_code == 0, replaced.stderr
+    assert (frames / "circle.dds.0000.png").read_bytes() != b"precious"
+
+
+def test_save_every_default_follows_the_models_steps(circle_files, tiny_model_dir, tmp_path) -> None:
+    """Without --steps the model's own default steps (here 50) decide the frame spacing: 50 // 25 = 2."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "ddsedit.json").write_text(json.dumps({"size": 32, "steps": 50}))
+    frames = tmp_path / "frames"
+    result = runner.invoke(app, [
+        "sds", "--src", str(circle_files["src"]), "--query", "a blue circle", "--model", str(model),
+        "--frames", str(frames), "-o", str(tmp_path / "o.png"), "-q",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    steps = sorted(int(p.name.split(".")[-2]) for p in frames.iterdir())
+    assert steps == list(range(0, 51, 2))
+
+
+def test_nonfinite_steps_are_reported_once(circle_files, tiny_model_dir, tmp_path, monkeypatch) -> None:
+    import torch
+
+    from ddsedit import scores
+
+    monkeypatch.setattr(scores, "dds_gradient", lambda target, source: torch.full_like(target, float("inf")))
+    result = _edit("dds", circle_files, tiny_model_dir, "-o", str(tmp_path / "o.png"))
+    assert result.exit_code == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "NaN or infinite" in line]
+    assert warnings == ["warning: the model returned NaN or infinite values in 3 of 3 steps; those gradient "
+                        "elements were treated as 0"]  # fmt: skip

@@ -55,7 +55,6 @@ MODEL_CONFIGS_DIR = Path(__file__).parent / "model_configs"
 CLIP_BPE_DIR = MODEL_CONFIGS_DIR / "clip_bpe"
 SD_VERSIONS = ("sd15", "sd2", "sd2-v")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 CLIP_VOCAB_SIZE = 49408
 
 UNET_PREFIX = "model.diffusion_model."

@@ -6,6 +6,7 @@ torch, diffusers and transformers are imported only when an edit runs, so ``--he
 and ``--version`` answer at once.
 """
 
+import contextlib
 import inspect
 import sys
 from pathlib import Path
@@ -26,7 +27,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-stderr = Console(stderr=True, highlight=False)
+# soft_wrap: without a terminal rich would hard-wrap at 80 columns, splitting messages mid-word.
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 METHOD_HELP = {
     "sds": "SDS edit: pull the image toward --query (no --ref needed; tends to lose detail).",
@@ -138,7 +140,11 @@ def _edit_template(
     output: Annotated[
         Path | None,
         typer.Option(
-            "-o", "--output", help="Output PNG. Default: ./<source stem>.<method>.png", show_default=False
+            "-o",
+            "--output",
+            help="Output file: .png, .jpg/.jpeg or .webp (the parameters go in its metadata), or a folder. "
+            "Default: ./<source stem>.<method>.png",
+            show_default=False,
         ),
     ] = None,
     model: ModelOption = None,
@@ -181,7 +187,11 @@ def _edit_template(
     ] = None,
     save_every: Annotated[
         int | None,
-        typer.Option("--save-every", help="Keep a decoded frame every N steps.", show_default=False),
+        typer.Option(
+            "--save-every",
+            help="Keep a decoded frame every N steps [default: steps / 25].",
+            show_default=False,
+        ),
     ] = None,
     frames: Annotated[
         Path | None,
@@ -235,81 +245,87 @@ def _run_edit(
     prediction_type: str | None, cpu_offload: bool, compile_unet: bool, cuda_graph: bool, quiet: bool,
     verbose: bool,
 ) -> None:  # fmt: skip
-    if not query.strip():
-        raise InputError("--query must not be empty")
-    if method != "sds" and not ref.strip():
-        raise InputError("--ref must not be empty: describe what the source image shows")
-    if prediction_type not in (None, "epsilon", "v_prediction"):
+    # Every cheap check first (prompts, numbers, files, output names), before torch is imported.
+    from ddsedit import imageio
+    from ddsedit.names import PREDICTION_TYPES, check_prompt
+    from ddsedit.settings import EditConfig
+
+    check_prompt(query, "--query")
+    if method != "sds":
+        check_prompt(ref, "--ref", "describe what the source image shows")
+    if prediction_type not in (None, *PREDICTION_TYPES):
         raise InputError(f"--prediction-type must be epsilon or v_prediction, got {prediction_type!r}")
     if save_every is not None and frames is None and animation is None:
         raise InputError("--save-every needs --frames DIR or --animation FILE.gif")
-    if method == "dds" and ref.strip() == query.strip() and not quiet:
-        stderr.print("[yellow]warning:[/] --ref and --query are the same: DDS will barely change the image")
-
-    from ddsedit.loading import quiet_third_party_output
-
-    quiet_third_party_output(verbose)
-    from ddsedit import imageio
-    from ddsedit.editor import EditConfig, save_result
-
+    if method != "sds" and ref.strip() == query.strip() and not quiet:
+        stderr.print("[yellow]warning:[/] --ref and --query are the same: the edit will barely change the image")
     overrides = dict(
         steps=steps, guidance=guidance, lr=lr, t_min=t_min, t_max=t_max, seed=seed, negative=negative,
         size=size, feather=feather, keep_working_size=keep_working_size, paste_back=paste_back,
+        save_every=save_every,
     )  # fmt: skip
-    if frames is not None or animation is not None:
-        overrides["save_every"] = save_every or max(1, (steps or 200) // 25)
     EditConfig().replace(**overrides).validate()  # the flags, before the slow model load
 
-    source = imageio.load_image(src)
-    mask_image = None
+    imageio.load_image(src)
     if method == "masked-dds":
         if mask is None:
             raise InputError("masked-dds needs --mask (white = editable)")
-        mask_image = imageio.load_mask(mask, source.size)
-    if start is not None:  # checked here too, so that a bad --start fails before the slow model load
-        start_image = imageio.load_image(start, "start image")
+        imageio.load_mask(mask, imageio.load_image(src).size)
+    if start is not None:
+        start_image, source = imageio.load_image(start, "start image"), imageio.load_image(src)
         if start_image.size != source.size:
             raise InputError(
                 f"--start is {start_image.width}x{start_image.height} but --src is {source.width}x{source.height}: "
                 "they must be the same size"
             )
-    output_path = imageio.check_output_path(output or imageio.default_output_path(src, method), overwrite)
+    if output is not None and output.is_dir():
+        output = imageio.default_output_path(src, method, directory=output)
+    output_path = imageio.check_output_suffix(output or imageio.default_output_path(src, method), "-o")
+    imageio.check_output_path(output_path, overwrite)
     if animation is not None:
         if animation.suffix.lower() != ".gif":
             raise InputError(f"--animation must name a .gif file, got {animation}")
         imageio.check_output_path(animation, overwrite)
+    frame_prefix = f"{src.stem}.{method}."
     if frames is not None:
         if frames.exists() and not frames.is_dir():
             raise InputError(f"--frames must be a folder: {frames}")
-        frames.mkdir(parents=True, exist_ok=True)
+        existing = sorted(frames.glob(f"{frame_prefix}*.png")) if frames.is_dir() else []
+        if existing and not overwrite:
+            raise InputError(f"frames exist in {frames}: {existing[0].name} ... (use --overwrite to replace them)")
 
-    from ddsedit.editor import Editor
+    from ddsedit.loading import quiet_third_party_output
 
-    with stderr.status("loading model...", spinner="dots") if not quiet else _nothing():
+    quiet_third_party_output(verbose)
+    from ddsedit.editor import Editor, save_result
+
+    with stderr.status("loading model...", spinner="dots") if not quiet else contextlib.nullcontext():
         editor = Editor.from_pretrained(
             model, device=device, dtype=dtype, allow_pickle=allow_pickle,
             prediction_type=prediction_type, keep_text_encoder=False, cpu_offload=cpu_offload,
             compile_unet=compile_unet, cuda_graph=cuda_graph,
         )  # fmt: skip
     config = editor.config(**overrides)
+    if (frames is not None or animation is not None) and save_every is None:
+        config = config.replace(save_every=max(1, config.steps // 25))  # the model's steps, not the paper's
+    if frames is not None:
+        frames.mkdir(parents=True, exist_ok=True)
     with _progress(quiet, method) as on_progress:
-        result = editor.edit(source, method, query=query, ref=ref, mask=mask_image, config=config,
+        result = editor.edit(src, method, query=query, ref=ref, mask=mask, config=config,
                              on_progress=on_progress, start=start)  # fmt: skip
+    if result.nonfinite_steps:
+        stderr.print(
+            f"[yellow]warning:[/] the model returned NaN or infinite values in {result.nonfinite_steps} of "
+            f"{config.steps} steps; those gradient elements were treated as 0",
+            markup=True,
+        )
     if frames is not None:
         for step, frame in result.frames:
-            imageio.save_png(frame, frames / f"{src.stem}.{method}.{step:04d}.png", {}, overwrite=True)
+            imageio.save_image(frame, frames / f"{frame_prefix}{step:04d}.png", {}, overwrite=overwrite)
     if animation is not None:
         imageio.save_gif([frame for _, frame in result.frames], animation, overwrite=overwrite)
     written = save_result(result, output_path, overwrite=overwrite)
     typer.echo(str(written))
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc_info: object) -> None:
-        return None
 
 
 class _progress:
@@ -343,23 +359,27 @@ class _progress:
             self.bar.__exit__(*exc_info)
 
 
-def _register(method: str, without: tuple[str, ...]) -> None:
-    """Add an edit command whose options are the template's minus ``without``."""
+def _register(method: str, without: tuple[str, ...], required: tuple[str, ...] = ()) -> None:
+    """Add an edit command whose options are the template's minus ``without``; ``required`` lose their default."""
 
     def command(**options) -> None:
         run_edit(method, **options)
 
     template = inspect.signature(_edit_template)
     command.__signature__ = template.replace(  # type: ignore[attr-defined]
-        parameters=[p for p in template.parameters.values() if p.name not in without]
+        parameters=[
+            p.replace(default=inspect.Parameter.empty) if p.name in required else p
+            for p in template.parameters.values()
+            if p.name not in without
+        ]
     )
     command.__doc__ = METHOD_HELP[method]
     app.command(method, no_args_is_help=True)(command)
 
 
 _register("sds", without=("ref", "mask", "paste_back", "feather"))
-_register("dds", without=("mask", "paste_back", "feather"))
-_register("masked-dds", without=())
+_register("dds", without=("mask", "paste_back", "feather"), required=("ref",))
+_register("masked-dds", without=(), required=("ref", "mask"))
 
 
 @app.command("models")
@@ -543,11 +563,25 @@ def batch_command(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: usage errors (a missing or unknown option) are one line too."""
+    # The click that typer runs on (typer >= 0.17 vendors its own copy): found through a public name.
+    click_errors = sys.modules[typer.BadParameter.__module__]
+    command = typer.main.get_command(app)
     try:
-        app()
-    except KeyboardInterrupt:
+        code = command.main(prog_name="ddsedit", standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as shown:
+        shown.show()  # a command given without arguments prints its help
+        sys.exit(2)
+    except click_errors.UsageError as error:
+        where = f" (see '{error.ctx.command_path} --help')" if error.ctx is not None else ""
+        stderr.print(f"error: {error.format_message()}{where}", markup=False)
+        sys.exit(2)
+    except click_errors.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except (KeyboardInterrupt, click_errors.Abort):
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from PIL import Image
 from ddsedit import __version__, imageio
 from ddsedit.errors import DDSEditError, InputError
 from ddsedit.loading import ModelComponents, load_model, resolve_device
+from ddsedit.names import check_prompt
 from ddsedit.optimize import METHODS, LoopSettings, PromptEmbeddings, distill
 from ddsedit.settings import EditConfig
 
@@ -141,12 +142,6 @@ class _Prepared:
 
 def _load_rgb(image: ImageLike) -> Image.Image:
     return (image if isinstance(image, Image.Image) else imageio.load_image(image)).convert("RGB")
-
-
-def _check_prompt(prompt: str, flag: str) -> str:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InputError(f"{flag} must not be empty")
-    return prompt
 
 
 class Editor:
@@ -382,8 +377,8 @@ class Editor:
 
     def _prepare(self, request: EditRequest, method: str, config: EditConfig) -> _Prepared:
         """Check one request and load its image and mask."""
-        query = _check_prompt(request.query, "--query")
-        ref = _check_prompt(request.ref or "", "--ref") if method != "sds" else ""
+        query = check_prompt(request.query, "--query")
+        ref = check_prompt(request.ref or "", "--ref") if method != "sds" else ""
         source = _load_rgb(request.image)
         binary_mask = None
         if method == "masked-dds":

@@ -16,6 +16,10 @@ class InputError(DDSEditError):
 
 
 class ModelError(DDSEditError):
-    """A model that cannot be found or loaded (exit code 1)."""
+    """The model the user named cannot be used: not found, not a model, incomplete or unreadable (exit code 2).
 
-    exit_code = 1
+    One rule whatever the reason, so that a script can tell "fix the --model you gave" (2) from a
+    failure while editing (1).
+    """
+
+    exit_code = 2

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ddsedit.errors import InputError, ModelError
+from ddsedit.names import PREDICTION_TYPES
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 MODEL_ENVIRONMENT_VARIABLE = "DDSEDIT_MODEL"
@@ -154,7 +155,7 @@ def locate_model(model: str | os.PathLike | None, allow_pickle: bool = False) ->
                 "pass --allow-pickle if you trust it, or convert it to .safetensors"
             )
         if path.suffix.lower() not in (".safetensors", *PICKLE_SUFFIXES):
-            raise InputError(f"{path} is not a model: expected a .safetensors file or a diffusers folder")
+            raise ModelError(f"{path} is not a model: expected a .safetensors file or a diffusers folder")
         return "file", path
     if _looks_like_hub_id(name) and not path.suffix:
         if path.parent.is_dir():
@@ -292,7 +293,7 @@ def load_model(
         defaults = {}
     scheduler_config = parts["scheduler"].config
     chosen_prediction_type = prediction_type or scheduler_config.get("prediction_type", "epsilon")
-    if chosen_prediction_type not in ("epsilon", "v_prediction"):
+    if chosen_prediction_type not in PREDICTION_TYPES:
         raise ModelError(f"unsupported prediction type {chosen_prediction_type!r} in the model's scheduler")
     import torch
 

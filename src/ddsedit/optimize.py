@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from ddsedit import scores
+from ddsedit.names import METHODS
 
-METHODS = ("sds", "dds", "masked-dds")
+__all__ = ["METHODS", "LoopSettings", "PromptEmbeddings", "distill", "distillation_gradient", "draw_step"]
 
 StepCallback = Callable[[int, torch.Tensor], None]
 NonfiniteCallback = Callable[[int], None]

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from ddsedit.editor import EditConfig, Editor, EditRequest
+from ddsedit.names import METHODS
 from ddsedit.shapes.metrics import colour_mask, dilate, estimate_background, fit_shape, iou
 from ddsedit.shapes.stats import bootstrap_interval
 from ddsedit.shapes.world import (
@@ -39,7 +40,6 @@ from ddsedit.shapes.world import (
     sample_case,
 )
 
-METHODS = ("sds", "dds", "masked-dds")
 DOT_TOLERANCE = 40.0  # levels from grey, on average over a dot's pixels
 BACKGROUND_MARGIN = 3  # px around the source shape left out of the background figure
 MASK_MARGIN = 4  # px the masked-DDS mask extends beyond the source shape
