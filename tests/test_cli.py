@@ -261,7 +261,13 @@ def test_eval_shapes_runs_a_subset_of_methods(tiny_model_dir, tmp_path) -> None:
     report = json.loads((out_dir / "report.json").read_text())
     assert set(report["methods"]) == {"dds"} and set(report["case_scores"]) == {"dds"} and not report["held"]
     assert "| dds |" in result.stdout and "| sds |" not in result.stdout
-    assert Image.open(out_dir / "grid.png").size == (3 * 128, 2 * 128)  # source, target, dds
+    assert Image.open(out_dir / "grid.png").size == (3 * 128, 20 + 2 * 128)  # labels; source, target, dds
+    assert "eval-shapes: 2/2 edits (dds)" in result.stderr  # progress without a terminal
+    # An earlier report is not replaced silently.
+    again = runner.invoke(app, [*args, "--methods", "dds", "--no-hold", "--out-dir", str(out_dir)])
+    _assert_one_line_error(again, 2, "report.json exists: pass --overwrite")
+    replaced = runner.invoke(app, [*args, "--methods", "dds", "--no-hold", "--out-dir", str(out_dir), "--overwrite"])
+    assert replaced.exit_code == 0, replaced.stderr
     refused = runner.invoke(app, [*args, "--methods", "dds,ddim", "--out-dir", str(tmp_path / "no")])
     _assert_one_line_error(refused, 2, "--methods must be some of sds, dds, masked-dds")
     assert not (tmp_path / "no").exists()

@@ -53,7 +53,7 @@ def test_report_runs_end_to_end_on_the_tiny_model(tiny_model_dir) -> None:
     assert set(report.methods) == {"sds", "dds", "masked-dds"}
     assert report.methods["masked-dds"]["outside_mask_max_change"] <= 1
     assert set(report.swaps) == {"background", "shape"}
-    assert picture.size == (5 * 128, 2 * 128)
+    assert picture.size == (5 * 128, evaluate.GRID_LABEL_HEIGHT + 2 * 128)  # a header row names the columns
     assert "| dds |" in evaluate.format_report(report)
     assert {"iou_median_white", "iou_median_black", "background_change"} <= set(report.held)
     assert "DDS started at the right answer" in evaluate.format_report(report)

@@ -296,7 +296,7 @@ def save_image(image: Image.Image, path: str | Path, metadata: dict[str, str], o
         info = PngImagePlugin.PngInfo()
         for key, value in metadata.items():
             info.add_itxt(key, value)  # iTXt is UTF-8; tEXt would mangle non-Latin-1 prompts
-        return _atomic_write(path, overwrite, lambda f: image.save(f, format="PNG", pnginfo=info))
+        return atomic_write(path, overwrite, lambda f: image.save(f, format="PNG", pnginfo=info))
     exif = Image.Exif()
     if "ddsedit" in metadata:
         exif[_IMAGE_DESCRIPTION] = json_ascii(metadata["ddsedit"])
@@ -304,8 +304,8 @@ def save_image(image: Image.Image, path: str | Path, metadata: dict[str, str], o
         exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _UNICODE_PREFIX + metadata["parameters"].encode("utf-16-be")
     rgb = image.convert("RGB")
     if suffix == ".webp":
-        return _atomic_write(path, overwrite, lambda f: rgb.save(f, format="WEBP", lossless=True, exif=exif))
-    return _atomic_write(path, overwrite, lambda f: rgb.save(f, format="JPEG", quality=95, exif=exif))
+        return atomic_write(path, overwrite, lambda f: rgb.save(f, format="WEBP", lossless=True, exif=exif))
+    return atomic_write(path, overwrite, lambda f: rgb.save(f, format="JPEG", quality=95, exif=exif))
 
 
 def json_ascii(text: str) -> str:
@@ -343,11 +343,14 @@ def save_gif(
     def write(f: BinaryIO) -> None:
         rgb[0].save(f, format="GIF", save_all=True, append_images=rgb[1:], duration=duration_ms, loop=0)
 
-    return _atomic_write(path, overwrite, write)
+    return atomic_write(path, overwrite, write)
 
 
-def _atomic_write(path: str | Path, overwrite: bool, write: Callable[[BinaryIO], None]) -> Path:
-    """Write via a temp file in the target folder, fsync, then move into place; never leave the temp."""
+def atomic_write(path: str | Path, overwrite: bool, write: Callable[[BinaryIO], object]) -> Path:
+    """Write via a temp file in the target folder, fsync, then move into place; never leave the temp.
+
+    Without ``overwrite`` an existing file is never replaced (InputError), even one that appears meanwhile.
+    """
     path = check_output_path(path, overwrite)
     tmp = _create_temp(path)
     try:

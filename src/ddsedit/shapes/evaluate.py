@@ -230,14 +230,18 @@ def case_records(cases: list[EditCase], scores: list[CaseScore]) -> list[dict[st
     ]
 
 
+ProgressCallback = Callable[[str, int], None]  # (what is running, edits finished in this call)
+
+
 def run_edits(
     editor: Editor, cases: list[EditCase], method: str, config: EditConfig, batch_size: int,
-    start_at_target: bool = False,
+    start_at_target: bool = False, on_progress: ProgressCallback | None = None, label: str | None = None,
 ) -> tuple[list[Image.Image], list[Image.Image | None]]:  # fmt: skip
     """Edit every case with ``method``, ``batch_size`` images per UNet call.
 
     ``start_at_target`` starts the optimisation at the right answer (the target image) instead of
     the source: how far the method then drifts is the error it makes even with a perfect path.
+    ``on_progress(label, count)`` is called after each UNet batch with the edits it finished.
     """
     edited: list[Image.Image] = []
     masks: list[Image.Image | None] = []
@@ -251,17 +255,38 @@ def run_edits(
         ]
         edited += [result.image for result in editor.edit_batch(requests, method, config=config)]
         masks += chunk_masks
+        if on_progress is not None:
+            on_progress(label or method, len(chunk))
     return edited, masks
 
 
-def grid(rows: list[list[Image.Image]], scale: int = 2) -> Image.Image:
-    """Tile images (rows of equal length) into one picture, each scaled up without smoothing."""
+GRID_LABEL_HEIGHT = 20  # px of the header row that names each column
+
+
+def grid(rows: list[list[Image.Image]], labels: list[str] | None = None, scale: int = 2) -> Image.Image:
+    """Tile images (rows of equal length) into one picture, each scaled up without smoothing.
+
+    ``labels`` (one per column) are written in a header row above the tiles.
+    """
+    from PIL import ImageDraw
+
     tile = IMAGE_SIZE * scale
-    picture = Image.new("RGB", (tile * len(rows[0]), tile * len(rows)), (128, 128, 128))
+    top = GRID_LABEL_HEIGHT if labels else 0
+    picture = Image.new("RGB", (tile * len(rows[0]), top + tile * len(rows)), (128, 128, 128))
+    if labels:
+        draw = ImageDraw.Draw(picture)
+        draw.rectangle((0, 0, picture.width, top - 1), fill=(255, 255, 255))
+        for c, label in enumerate(labels):
+            draw.text((c * tile + 4, 4), label, fill=(0, 0, 0))
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
-            picture.paste(image.resize((tile, tile), Image.Resampling.NEAREST), (c * tile, r * tile))
+            picture.paste(image.resize((tile, tile), Image.Resampling.NEAREST), (c * tile, top + r * tile))
     return picture
+
+
+def edit_count(count: int, swaps: int, hold: bool, methods: tuple[str, ...]) -> int:
+    """How many edits :func:`evaluate` runs: every method and the held run on each case, then the swaps."""
+    return count * (len(methods) + hold) + 2 * max(0, swaps)
 
 
 def evaluate(
@@ -274,12 +299,14 @@ def evaluate(
     grid_rows: int = 12,
     hold: bool = True,
     methods: tuple[str, ...] = METHODS,
+    on_progress: ProgressCallback | None = None,
 ) -> tuple[Report, Image.Image]:
     """Run the eval; returns the report and a grid (source, target, then one column per method).
 
     With ``hold``, DDS also runs from the right answer (the target image) on the same cases: the
     figures it ends at bound what DDS can reach with this model and these settings. ``methods``
     picks the recolour runs (all three by default; a subset is quicker when screening a model).
+    ``on_progress(label, count)`` follows the edits (:func:`edit_count` of them in all).
     """
     unknown = [method for method in methods if method not in METHODS]
     if unknown or not methods:
@@ -289,14 +316,16 @@ def evaluate(
     report = Report(cases=count, seed=seed, settings={k: v for k, v in asdict(config).items() if k != "seed"})
     edited_by_method: dict[str, list[Image.Image]] = {}
     for method in methods:
-        edited, masks = run_edits(editor, cases, method, config, batch_size)
+        edited, masks = run_edits(editor, cases, method, config, batch_size, on_progress=on_progress)
         scores = [score_edit(c, image, mask) for c, image, mask in zip(cases, edited, masks, strict=True)]
         report.methods[method] = summarise(cases, scores)
         report.intervals[method] = summarise_intervals(cases, scores)
         report.case_scores[method] = case_records(cases, scores)
         edited_by_method[method] = edited
     if hold:
-        edited, _ = run_edits(editor, cases, "dds", config, batch_size, start_at_target=True)
+        edited, _ = run_edits(
+            editor, cases, "dds", config, batch_size, start_at_target=True, on_progress=on_progress, label="dds held"
+        )
         scores = [score_edit(c, image) for c, image in zip(cases, edited, strict=True)]
         report.held = summarise(cases, scores)
         report.intervals["held"] = summarise_intervals(cases, scores)
@@ -305,7 +334,9 @@ def evaluate(
         if swaps <= 0:
             break
         kind_cases = swap_cases(swaps, seed, kind)
-        edited, _ = run_edits(editor, kind_cases, "dds", config, batch_size)
+        edited, _ = run_edits(
+            editor, kind_cases, "dds", config, batch_size, on_progress=on_progress, label=f"dds {kind} swap"
+        )
         scores = [score_edit(c, image) for c, image in zip(kind_cases, edited, strict=True)]
         right = [s.background_right if kind == "background" else s.shape_right for s in scores]
         report.swaps[kind] = {
@@ -317,7 +348,7 @@ def evaluate(
         [render(case.source)[0], render(case.target)[0], *(edited_by_method[m][case.index] for m in methods)]
         for case in cases[:grid_rows]
     ]
-    return report, grid(rows)
+    return report, grid(rows, labels=["source", "target (right answer)", *methods])
 
 
 def _with_interval(value: float, interval: list[float] | None, percent: bool = False) -> str:
@@ -364,11 +395,16 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: Report, picture: Image.Image, out_dir: Path) -> tuple[Path, Path]:
-    """Write ``report.json`` and ``grid.png`` into ``out_dir``."""
+REPORT_NAMES = ("report.json", "grid.png")
+
+
+def write_report(report: Report, picture: Image.Image, out_dir: Path, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``grid.png`` into ``out_dir`` atomically; earlier ones only with ``overwrite``."""
+    from ddsedit import imageio
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "report.json"
-    json_path.write_text(json.dumps(asdict(report), indent=2))
-    grid_path = out_dir / "grid.png"
-    picture.save(grid_path)
+    json_path, grid_path = (out_dir / name for name in REPORT_NAMES)
+    text = json.dumps(asdict(report), indent=2)
+    imageio.atomic_write(json_path, overwrite, lambda handle: handle.write(text.encode("utf-8")))
+    imageio.save_image(picture, grid_path, {}, overwrite=overwrite)
     return json_path, grid_path
