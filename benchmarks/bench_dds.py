@@ -14,6 +14,9 @@ sequence of timesteps and noise:
 Timing does not depend on the weights, so SD architectures use random weights built from
 the packaged configs. The loops are also checked to give the same edit: the first step's
 gradient direction (cosine) and the final latents' relative error against reference-2call.
+The reference loops are timing baselines built from ddsedit's own score functions, so their
+agreement with the engine checks batching and the update, not the DDS math itself
+(tests/test_reference_dds.py checks that against a loop that shares no code with ddsedit).
 """
 
 from __future__ import annotations
