@@ -245,7 +245,7 @@ def test_start_of_another_size_is_a_one_line_error(circle_files, tiny_model_dir,
     Image.new("RGB", (30, 20), (0, 0, 255)).save(small)
     output = tmp_path / "out.png"
     result = _edit("dds", circle_files, tiny_model_dir, "--start", str(small), "-o", str(output))
-    _assert_one_line_error(result, 2, "--start is 30x20 but --src is 60x40")
+    _assert_one_line_error(result, 2, "(--start) is 30x20 but the source (--src) is 60x40")
     assert not output.exists()
     missing = _edit("sds", circle_files, tiny_model_dir, "--start", str(tmp_path / "none.png"), "-o", str(output))
     _assert_one_line_error(missing, 2, "none.png")

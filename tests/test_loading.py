@@ -68,7 +68,7 @@ def test_pickle_checkpoints_need_permission(tmp_path) -> None:
     assert loading.locate_model(checkpoint, allow_pickle=True) == ("file", checkpoint)
     other = tmp_path / "model.txt"
     other.write_text("x")
-    with pytest.raises(InputError, match="not a model"):
+    with pytest.raises(ModelError, match="not a model"):
         loading.locate_model(other)
 
 

@@ -50,11 +50,11 @@ from safetensors import safe_open
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ddsedit.errors import InputError, ModelError
+from ddsedit.formats import PICKLE_SUFFIXES
 
 MODEL_CONFIGS_DIR = Path(__file__).parent / "model_configs"
 CLIP_BPE_DIR = MODEL_CONFIGS_DIR / "clip_bpe"
 SD_VERSIONS = ("sd15", "sd2", "sd2-v")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 CLIP_VOCAB_SIZE = 49408
 
 UNET_PREFIX = "model.diffusion_model."

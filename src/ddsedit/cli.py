@@ -272,12 +272,7 @@ def _run_edit(
             raise InputError("masked-dds needs --mask (white = editable)")
         imageio.load_mask(mask, imageio.load_image(src).size)
     if start is not None:
-        start_image, source = imageio.load_image(start, "start image"), imageio.load_image(src)
-        if start_image.size != source.size:
-            raise InputError(
-                f"--start is {start_image.width}x{start_image.height} but --src is {source.width}x{source.height}: "
-                "they must be the same size"
-            )
+        imageio.check_start_size(imageio.load_image(start, "start image"), imageio.load_image(src))
     if output is not None and output.is_dir():
         output = imageio.default_output_path(src, method, directory=output)
     output_path = imageio.check_output_suffix(output or imageio.default_output_path(src, method), "-o")

@@ -396,11 +396,8 @@ class Editor:
             start, start_label = request.start.convert("RGB"), "image"
         elif request.start is not None:
             start, start_label = imageio.load_image(request.start, "start image"), str(request.start)
-        if start is not None and start.size != source.size:
-            raise InputError(
-                f"the start image is {start.width}x{start.height} but the source is "
-                f"{source.width}x{source.height}: they must be the same size"
-            )
+        if start is not None:
+            imageio.check_start_size(start, source)
         stride = self.components.vae_scale_factor
         working = imageio.working_size(source.width, source.height, config.size, stride)
         source_sha256 = request.source_sha256

@@ -3,3 +3,5 @@
 from __future__ import annotations
 
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# Checkpoint files that are Python pickles: loading one can run code, so it needs --allow-pickle.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")

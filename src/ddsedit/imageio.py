@@ -112,6 +112,15 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image
 # --------------------------------------------------------------------------- sizes and tensors
 
 
+def check_start_size(start: Image.Image, source: Image.Image) -> None:
+    """A start image must have the source's size: the optimisation starts from its latents."""
+    if start.size != source.size:
+        raise InputError(
+            f"the start image (--start) is {start.width}x{start.height} but the source (--src) is "
+            f"{source.width}x{source.height}: they must be the same size"
+        )
+
+
 def working_size(width: int, height: int, longest_side: int, stride: int) -> tuple[int, int]:
     """Return (w, h) with the longest side about ``longest_side``, same aspect, multiples of ``stride``.
 

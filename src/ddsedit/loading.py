@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from ddsedit.errors import InputError, ModelError
+from ddsedit.formats import PICKLE_SUFFIXES
 from ddsedit.names import PREDICTION_TYPES
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 MODEL_ENVIRONMENT_VARIABLE = "DDSEDIT_MODEL"
 BUNDLED_MODELS_DIR = Path(__file__).parent / "bundled"
 DEFAULTS_FILE = "ddsedit.json"  # edit defaults stored beside a model's weights
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 COMPONENT_FILES = (
     "model_index.json",
     "unet/config.json",
