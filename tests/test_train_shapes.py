@@ -15,8 +15,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ddsedit.shapes import config, train
 from ddsedit.shapes.models import build_text_encoder, build_unet, build_vae
-from ddsedit.shapes.tokenizer import build_tokenizer, check_tokenizer
 from ddsedit.shapes.world import WORDS
+from ddsedit.wordtokenizer import build_tokenizer, check_tokenizer
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -81,14 +81,14 @@ def test_components_load_with_from_pretrained(tiny_run):
 
 
 def test_tokenizer_words_are_single_tokens_and_round_trip(tiny_run, tmp_path):
-    for tok in (build_tokenizer(), CLIPTokenizer.from_pretrained(tiny_run[0] / "final" / "tokenizer")):
-        check_tokenizer(tok)
+    for tok in (build_tokenizer(WORDS), CLIPTokenizer.from_pretrained(tiny_run[0] / "final" / "tokenizer")):
+        check_tokenizer(tok, WORDS)
         assert tok.model_max_length == 77 and tok.pad_token == "<|endoftext|>"
         for word in WORDS:
             assert len(tok(word, add_special_tokens=False).input_ids) == 1
         padded = tok("a green triangle", padding="max_length", max_length=77).input_ids
         assert len(padded) == 77 and padded[5:] == [tok.eos_token_id] * 72
-    tok = build_tokenizer()
+    tok = build_tokenizer(WORDS)
     tok.save_pretrained(tmp_path)
     again = CLIPTokenizer.from_pretrained(tmp_path)
     text = "a yellow square on a black background"
@@ -113,7 +113,7 @@ def test_resume_continues_exactly(tiny_run, tmp_path):
 
 def test_default_config_fits_the_size_budget():
     cfg = config.default()
-    tok = build_tokenizer()
+    tok = build_tokenizer(WORDS)
     vae = build_vae(cfg.vae)
     text = build_text_encoder(cfg.text, tok)
     unet = build_unet(cfg.unet, cfg.vae.latent_channels, cfg.text.hidden, 16)

@@ -7,8 +7,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ddsedit.shapes.config import TextConfig, UNetConfig, VAEConfig
-from ddsedit.shapes.tokenizer import MAX_LENGTH
 from ddsedit.shapes.world import IMAGE_SIZE
+from ddsedit.wordtokenizer import MAX_LENGTH
 
 
 def build_vae(cfg: VAEConfig) -> AutoencoderKL:

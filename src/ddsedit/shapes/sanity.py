@@ -24,8 +24,8 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ddsedit.shapes import metrics
-from ddsedit.shapes.tokenizer import MAX_LENGTH
 from ddsedit.shapes.world import BACKGROUNDS, COLOURS, SHAPES, make_caption, render_array, sample_case
+from ddsedit.wordtokenizer import MAX_LENGTH
 
 
 @dataclass

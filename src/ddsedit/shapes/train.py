@@ -49,8 +49,8 @@ from ddsedit.shapes.config import CONFIGS, TrainConfig
 from ddsedit.shapes.export import export_pipeline
 from ddsedit.shapes.latents import LatentPool
 from ddsedit.shapes.models import build_scheduler, build_text_encoder, build_unet, build_vae
-from ddsedit.shapes.tokenizer import MAX_LENGTH, build_tokenizer
-from ddsedit.shapes.world import render_batch, sample_case
+from ddsedit.shapes.world import WORDS, render_batch, sample_case
+from ddsedit.wordtokenizer import MAX_LENGTH, build_tokenizer
 
 # --unet-minutes: steps [CALIBRATION_START, CALIBRATION_START + CALIBRATION_STEPS) are timed, then the total is
 # set with a margin (a 3-minute H200 run measured 61 ms/step over 30 early steps and averaged 79 ms).
@@ -115,7 +115,7 @@ class Trainer:
         self.pool_workers = pool_workers
         self.unet_minutes = unet_minutes
         torch.manual_seed(cfg.seed)
-        self.tokenizer: CLIPTokenizer = build_tokenizer()
+        self.tokenizer: CLIPTokenizer = build_tokenizer(WORDS)
         self.vae: AutoencoderKL = build_vae(cfg.vae)
         self.text_encoder: CLIPTextModel = build_text_encoder(cfg.text, self.tokenizer)
         latent_size = 64 // 2 ** (len(cfg.vae.channels) - 1)
