@@ -1,6 +1,6 @@
 """Train the shapes text-to-image pipeline from scratch on CPU, in phases, and write a diffusers folder.
 
-    python -m ddsedit.shapes.train --out DIR [--config tiny|default|gpu] [--resume] [--seed N]
+    python -m shapes_training.train --out DIR [--config tiny|default|gpu] [--resume] [--seed N]
         [--device cuda] [--init-vae MODEL_DIR] [--unet-minutes M]
 
 Phases:
@@ -45,12 +45,12 @@ from rich.progress import (
 )
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ddsedit.shapes.config import CONFIGS, TrainConfig
-from ddsedit.shapes.export import export_pipeline
-from ddsedit.shapes.latents import LatentPool
-from ddsedit.shapes.models import build_scheduler, build_text_encoder, build_unet, build_vae
 from ddsedit.shapes.world import WORDS, render_batch, sample_case
 from ddsedit.wordtokenizer import MAX_LENGTH, build_tokenizer
+from shapes_training.config import CONFIGS, TrainConfig
+from shapes_training.export import export_pipeline
+from shapes_training.latents import LatentPool
+from shapes_training.models import build_scheduler, build_text_encoder, build_unet, build_vae
 
 # --unet-minutes: steps [CALIBRATION_START, CALIBRATION_START + CALIBRATION_STEPS) are timed, then the total is
 # set with a margin (a 3-minute H200 run measured 61 ms/step over 30 early steps and averaged 79 ms).
@@ -438,7 +438,7 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ddsedit.shapes.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m shapes_training.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt and final/")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="default")
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")

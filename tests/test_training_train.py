@@ -13,10 +13,10 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ddsedit.shapes import config, train
-from ddsedit.shapes.models import build_text_encoder, build_unet, build_vae
 from ddsedit.shapes.world import WORDS
 from ddsedit.wordtokenizer import build_tokenizer, check_tokenizer
+from shapes_training import config, train
+from shapes_training.models import build_text_encoder, build_unet, build_vae
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -199,7 +199,7 @@ def test_unet_minutes_sets_the_step_count_from_measured_speed(tiny_run, tmp_path
 
 
 def test_latent_pool_is_the_same_whatever_the_number_of_workers(tiny_run):
-    from ddsedit.shapes.latents import LatentPool
+    from shapes_training.latents import LatentPool
 
     vae = AutoencoderKL.from_pretrained(tiny_run[0] / "final", subfolder="vae", torch_dtype=torch.float32)
     one = LatentPool.encode(vae, 10, seed=5, batch=4, workers=1)
