@@ -17,13 +17,13 @@ if ! python3 -c "import diffusers" 2>/dev/null && [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the root: python -m shapes_training.*
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/train.log"
 python3 -c "import torch, diffusers, transformers, typer; print(torch.__version__, diffusers.__version__, transformers.__version__, typer.__version__)" | tee -a "$OUT/train.log"
 
 RUN=/tmp/shapes-gpu
 # the UNet budget plus start-up, the pool (~80 s with 14 workers on a 16-core machine) and the export
-timeout "${TRAIN_SECONDS:-$(python3 -c "print(int(${UNET_MINUTES:-3.5} * 60 + 150))")}" python3 -m ddsedit.shapes.train --out $RUN --config "${CONFIG:-gpu}" --device "${DEVICE:-cuda}" \
+timeout "${TRAIN_SECONDS:-$(python3 -c "print(int(${UNET_MINUTES:-3.5} * 60 + 150))")}" python3 -m shapes_training.train --out $RUN --config "${CONFIG:-gpu}" --device "${DEVICE:-cuda}" \
   --pool-workers "${POOL_WORKERS:-14}" "${INIT:---init-vae}" src/ddsedit/bundled/shapes --unet-minutes "${UNET_MINUTES:-3.5}" --threads 4 \
   2>&1 | grep -v "Writing model shards\|Loading weights" | tee -a "$OUT/train.log"
 [ -d $RUN/final ] && tar -C $RUN -cf "$OUT/model.tar" final
@@ -48,7 +48,7 @@ if [ "${BENCH_SECONDS:-240}" -gt 0 ]; then
 fi
 
 # Settings grid for the new model's edit defaults (partial results are kept if the time runs out).
-[ -d $RUN/final ] && [ "${TUNE_SECONDS:-90}" -gt 0 ] && timeout "${TUNE_SECONDS:-90}" python3 -m ddsedit.shapes.tune --model $RUN/final --cases 40 \
+[ -d $RUN/final ] && [ "${TUNE_SECONDS:-90}" -gt 0 ] && timeout "${TUNE_SECONDS:-90}" python3 -m shapes_training.tune --model $RUN/final --cases 40 \
   --batch-size 40 --device "${DEVICE:-cuda}" --methods dds,sds --out "$OUT/tune.jsonl" \
   --grid '{"guidance": [5, 6, 7.5, 10], "t_max": [950, 999]}' > /dev/null 2>&1
 echo "done at $(date)"

@@ -220,8 +220,8 @@ def test_vae_overflow_in_half_precision_reruns_in_fp32(tiny_model_dir) -> None:
 
 
 def test_tiny_tokenizer_words_are_single_tokens() -> None:
-    from ddsedit.shapes.tokenizer import build_tokenizer
     from ddsedit.tiny import TINY_WORDS
+    from ddsedit.wordtokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(TINY_WORDS)
     ids = tokenizer("a red circle on a white background").input_ids

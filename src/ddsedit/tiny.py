@@ -43,7 +43,7 @@ def build_tiny_pipeline(folder: str | Path, prediction_type: str = "epsilon", se
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ddsedit.shapes.tokenizer import build_tokenizer, save_tokenizer
+    from ddsedit.wordtokenizer import build_tokenizer, save_tokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Train the shapes text-to-image pipeline from scratch on CPU, in phases, and write a diffusers folder.
 
-    python -m ddsedit.shapes.train --out DIR [--config tiny|default|gpu] [--resume] [--seed N]
+    python -m shapes_training.train --out DIR [--config tiny|default|gpu] [--resume] [--seed N]
         [--device cuda] [--init-vae MODEL_DIR] [--unet-minutes M]
 
 Phases:
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import EMAModel, compute_snr
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -45,12 +46,12 @@ from rich.progress import (
 )
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ddsedit.shapes.config import CONFIGS, TrainConfig
-from ddsedit.shapes.export import export_pipeline
-from ddsedit.shapes.latents import LatentPool
-from ddsedit.shapes.models import build_scheduler, build_text_encoder, build_unet, build_vae
-from ddsedit.shapes.tokenizer import MAX_LENGTH, build_tokenizer
-from ddsedit.shapes.world import render_batch, sample_case
+from ddsedit.shapes.world import WORDS, render_batch, sample_case
+from ddsedit.wordtokenizer import MAX_LENGTH, build_tokenizer
+from shapes_training.config import CONFIGS, TrainConfig
+from shapes_training.export import export_pipeline
+from shapes_training.latents import LatentPool
+from shapes_training.models import build_scheduler, build_text_encoder, build_unet, build_vae
 
 # --unet-minutes: steps [CALIBRATION_START, CALIBRATION_START + CALIBRATION_STEPS) are timed, then the total is
 # set with a margin (a 3-minute H200 run measured 61 ms/step over 30 early steps and averaged 79 ms).
@@ -71,6 +72,8 @@ def step_rng(seed: int, phase: int, step: int) -> tuple[np.random.Generator, tor
     return g, torch.Generator().manual_seed(int(g.integers(2**62)))
 
 
+# Not diffusers' get_cosine_schedule_with_warmup: that one decays to 0 (here to min_ratio) and fixes `total` when built,
+# while --unet-minutes and --extend-unet change it mid-run.
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Learning-rate multiplier: linear warm-up to 1, then cosine down to `min_ratio` at `total`."""
     if step < warmup:
@@ -115,7 +118,7 @@ class Trainer:
         self.pool_workers = pool_workers
         self.unet_minutes = unet_minutes
         torch.manual_seed(cfg.seed)
-        self.tokenizer: CLIPTokenizer = build_tokenizer()
+        self.tokenizer: CLIPTokenizer = build_tokenizer(WORDS)
         self.vae: AutoencoderKL = build_vae(cfg.vae)
         self.text_encoder: CLIPTextModel = build_text_encoder(cfg.text, self.tokenizer)
         latent_size = 64 // 2 ** (len(cfg.vae.channels) - 1)
@@ -124,8 +127,7 @@ class Trainer:
         for model in (self.vae, self.text_encoder, self.unet):
             model.to(self.device)
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)
-        self.unet_ema = copy.deepcopy(self.unet).requires_grad_(False)
-        self.text_ema = copy.deepcopy(self.text_encoder).requires_grad_(False)
+        self.unet_ema, self.text_ema = self._ema(self.unet), self._ema(self.text_encoder)
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
         groups = [{"params": list(self.unet.parameters()), "lr": cfg.unet_lr}]
         if cfg.train_text_encoder:
@@ -180,6 +182,12 @@ class Trainer:
             self.phase, self.step = "unet", self.cfg.unet_steps
             self.cfg.unet_steps += extend_unet
         self.scaling_factor, self.seconds, self.history = ckpt["scaling_factor"], ckpt["seconds"], ckpt["history"]
+        for name, model in (("unet_ema", self.unet), ("text_ema", self.text_encoder)):
+            if "shadow_params" not in ckpt[name]:  # written before EMAModel: the averaged module's state dict
+                # the EMA's update count: the UNet steps done ("done" restarts `step` at 0)
+                updates = {"vae": 0, "unet": ckpt["step"]}.get(ckpt["phase"], ckpt["config"]["unet_steps"])
+                weights = [ckpt[name][key] for key, _ in model.named_parameters()]
+                ckpt[name] = {"shadow_params": weights, "optimization_step": updates}
         for name in ("vae", "vae_opt", "text_encoder", "text_ema", "unet", "unet_ema", "unet_opt"):
             getattr(self, name).load_state_dict(ckpt[name])
 
@@ -201,10 +209,9 @@ class Trainer:
         self.init_vae_from(model_dir)
         unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=torch.float32)
         text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", torch_dtype=torch.float32)
-        for model in (self.unet, self.unet_ema):
-            model.load_state_dict(unet.state_dict())
-        for model in (self.text_encoder, self.text_ema):
-            model.load_state_dict(text_encoder.state_dict())
+        self.unet.load_state_dict(unet.state_dict())
+        self.text_encoder.load_state_dict(text_encoder.state_dict())
+        self.unet_ema, self.text_ema = self._ema(self.unet), self._ema(self.text_encoder)
         self.cfg.init_model = str(model_dir)
 
     def _advance(self, phase: str) -> None:
@@ -285,20 +292,31 @@ class Trainer:
         pred = self.unet(noisy, t.to(self.device), self.encode_text(captions)).sample
         mse = (pred - noise).pow(2).mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma > 0:
-            snr = alpha_bar / (1 - alpha_bar)
+            snr = compute_snr(self.scheduler, t.to(self.device))
             mse = mse * snr.clamp(max=cfg.min_snr_gamma) / snr
         return mse.mean()
 
-    @torch.no_grad()
+    def _ema(self, model: torch.nn.Module) -> EMAModel:
+        """diffusers' EMA of `model`'s weights, its decay warmed up as (1 + n) / (10 + n) after n updates.
+
+        By default EMAModel's first update copies the weights and its warm-up starts one update later;
+        ``update_after_step=-1`` starts it at the first update, as this trainer always did, so a run's
+        weights stay those of earlier versions.
+        """
+        return EMAModel(model.parameters(), decay=self.cfg.ema_decay, update_after_step=-1, foreach=True)
+
+    @staticmethod
+    def _averaged(model: torch.nn.Module, ema: EMAModel) -> torch.nn.Module:
+        """A copy of `model` holding `ema`'s averaged weights (the model itself keeps the trained ones)."""
+        averaged = copy.deepcopy(model)
+        ema.copy_to(averaged.parameters())
+        return averaged
+
     def update_ema(self) -> None:
-        """EMA of the trained weights, with the usual (1 + n) / (10 + n) warm-up of the decay."""
-        n = self.step
-        decay = min(self.cfg.ema_decay, (1 + n) / (10 + n))
-        pairs = [(self.unet_ema, self.unet)]
+        """Update the EMA of the UNet, and of the text encoder when it trains."""
+        self.unet_ema.step(self.unet.parameters())
         if self.cfg.train_text_encoder:
-            pairs.append((self.text_ema, self.text_encoder))
-        for ema, model in pairs:
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+            self.text_ema.step(self.text_encoder.parameters())
 
     def latent_pool(self) -> LatentPool:
         """The pool of encoded images: loaded from DIR/latents.pt, or encoded (deterministically) and saved."""
@@ -389,7 +407,8 @@ class Trainer:
     def export(self) -> int:
         """Write DIR/final with the EMA UNet (and EMA text encoder when it was trained)."""
         t0 = time.time()
-        text = self.text_ema if self.cfg.train_text_encoder else self.text_encoder
+        text = self._averaged(self.text_encoder, self.text_ema) if self.cfg.train_text_encoder else self.text_encoder
+        unet = self._averaged(self.unet, self.unet_ema)
         info = {
             "config": self.cfg.to_dict(),
             "scaling_factor": self.scaling_factor,
@@ -397,7 +416,7 @@ class Trainer:
             "history": self.history,
         }
         assert self.scaling_factor is not None
-        size = export_pipeline(self.out / "final", self.vae.cpu(), text.cpu(), self.tokenizer, self.unet_ema.cpu(),
+        size = export_pipeline(self.out / "final", self.vae.cpu(), text.cpu(), self.tokenizer, unet.cpu(),
                                self.scheduler, self.scaling_factor, info)
         self.seconds["export"] += time.time() - t0
         return size
@@ -438,7 +457,7 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ddsedit.shapes.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m shapes_training.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt and final/")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="default")
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")

@@ -6,9 +6,9 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ddsedit.shapes.config import TextConfig, UNetConfig, VAEConfig
-from ddsedit.shapes.tokenizer import MAX_LENGTH
 from ddsedit.shapes.world import IMAGE_SIZE
+from ddsedit.wordtokenizer import MAX_LENGTH
+from shapes_training.config import TextConfig, UNetConfig, VAEConfig
 
 
 def build_vae(cfg: VAEConfig) -> AutoencoderKL:

@@ -13,10 +13,10 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ddsedit.shapes import config, train
-from ddsedit.shapes.models import build_text_encoder, build_unet, build_vae
-from ddsedit.shapes.tokenizer import build_tokenizer, check_tokenizer
 from ddsedit.shapes.world import WORDS
+from ddsedit.wordtokenizer import build_tokenizer, check_tokenizer
+from shapes_training import config, train
+from shapes_training.models import build_text_encoder, build_unet, build_vae
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -81,14 +81,14 @@ def test_components_load_with_from_pretrained(tiny_run):
 
 
 def test_tokenizer_words_are_single_tokens_and_round_trip(tiny_run, tmp_path):
-    for tok in (build_tokenizer(), CLIPTokenizer.from_pretrained(tiny_run[0] / "final" / "tokenizer")):
-        check_tokenizer(tok)
+    for tok in (build_tokenizer(WORDS), CLIPTokenizer.from_pretrained(tiny_run[0] / "final" / "tokenizer")):
+        check_tokenizer(tok, WORDS)
         assert tok.model_max_length == 77 and tok.pad_token == "<|endoftext|>"
         for word in WORDS:
             assert len(tok(word, add_special_tokens=False).input_ids) == 1
         padded = tok("a green triangle", padding="max_length", max_length=77).input_ids
         assert len(padded) == 77 and padded[5:] == [tok.eos_token_id] * 72
-    tok = build_tokenizer()
+    tok = build_tokenizer(WORDS)
     tok.save_pretrained(tmp_path)
     again = CLIPTokenizer.from_pretrained(tmp_path)
     text = "a yellow square on a black background"
@@ -113,7 +113,7 @@ def test_resume_continues_exactly(tiny_run, tmp_path):
 
 def test_default_config_fits_the_size_budget():
     cfg = config.default()
-    tok = build_tokenizer()
+    tok = build_tokenizer(WORDS)
     vae = build_vae(cfg.vae)
     text = build_text_encoder(cfg.text, tok)
     unet = build_unet(cfg.unet, cfg.vae.latent_channels, cfg.text.hidden, 16)
@@ -147,12 +147,15 @@ def test_init_model_fine_tunes_the_text_encoder_and_unet_of_a_finished_model(tin
     run_tiny(tmp_path, "--init-model", str(source), "--stop-after", "0")
     state = torch.load(tmp_path / train.CHECKPOINT, weights_only=False)
     assert (state["phase"], state["step"]) == ("unet", 0) and state["config"]["init_model"] == str(source)
-    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch.float32).state_dict()
-    text = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=torch.float32).state_dict()
-    for trained, ema, original in (("unet", "unet_ema", unet), ("text_encoder", "text_ema", text)):
-        for name, value in original.items():
+    source_unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch.float32)
+    source_text = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=torch.float32)
+    unet = source_unet.state_dict()
+    for trained, ema, original in (("unet", "unet_ema", source_unet), ("text_encoder", "text_ema", source_text)):
+        for name, value in original.state_dict().items():
             torch.testing.assert_close(state[trained][name], value, msg=name)
-            torch.testing.assert_close(state[ema][name], value, msg=name)
+        averaged = state[ema]["shadow_params"]  # diffusers' EMAModel: in the order of the model's parameters
+        for (name, value), average in zip(original.named_parameters(), averaged, strict=True):
+            torch.testing.assert_close(average, value, msg=name)
     # then it trains and exports: the UNet moved, the VAE is the source's
     run_tiny(tmp_path, "--init-model", str(source), "--resume")
     tuned = UNet2DConditionModel.from_pretrained(tmp_path / "final", subfolder="unet", torch_dtype=torch.float32)
@@ -174,6 +177,24 @@ def test_init_model_or_vae_that_is_no_model_folder_is_a_one_line_error(tiny_run,
         run_tiny(tmp_path / "out", "--init-model", str(vae_only))
     run_tiny(tmp_path / "out", "--init-vae", str(vae_only), "--stop-after", "0")
     assert torch.load(tmp_path / "out" / train.CHECKPOINT, weights_only=False)["config"]["init_vae"] == str(vae_only)
+
+
+def test_a_checkpoint_written_before_emamodel_resumes(tiny_run, tmp_path):
+    # Such a checkpoint held each EMA as the averaged module's state dict; a finished run's `step` is 0.
+    state = torch.load(tiny_run[0] / train.CHECKPOINT, weights_only=False)
+    trainer = train.Trainer(config.tiny(), tmp_path)
+    for name, model in (("unet_ema", trainer.unet), ("text_ema", trainer.text_encoder)):
+        names = [key for key, _ in model.named_parameters()]
+        state[name] = dict(zip(names, state[name]["shadow_params"], strict=True))
+    torch.save(state, tmp_path / train.CHECKPOINT)
+    trainer.load_checkpoint(tmp_path / train.CHECKPOINT, extend_unet=2)
+    again = torch.load(tiny_run[0] / train.CHECKPOINT, weights_only=False)
+    for name in ("unet_ema", "text_ema"):
+        ema = getattr(trainer, name)
+        assert ema.optimization_step == again[name]["optimization_step"] == config.tiny().unet_steps
+        for loaded, saved in zip(ema.shadow_params, again[name]["shadow_params"], strict=True):
+            torch.testing.assert_close(loaded, saved)
+    assert trainer.run() is True
 
 
 def test_finetune_config_keeps_the_default_architecture():
@@ -199,7 +220,7 @@ def test_unet_minutes_sets_the_step_count_from_measured_speed(tiny_run, tmp_path
 
 
 def test_latent_pool_is_the_same_whatever_the_number_of_workers(tiny_run):
-    from ddsedit.shapes.latents import LatentPool
+    from shapes_training.latents import LatentPool
 
     vae = AutoencoderKL.from_pretrained(tiny_run[0] / "final", subfolder="vae", torch_dtype=torch.float32)
     one = LatentPool.encode(vae, 10, seed=5, batch=4, workers=1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,8 +49,10 @@ class LatentPool:
         means, stds, labels = [], [], []
         # "spawn": forked workers of a process that has run torch's thread pools can hang
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context) if workers > 1 else _InProcess() as pool:
-            for images, chunk_labels in pool.map(_render_chunk, jobs):
+        with ProcessPoolExecutor(workers, mp_context=context) if workers > 1 else nullcontext() as pool:
+            # one worker renders here: no process start-up cost
+            chunks = pool.map(_render_chunk, jobs) if pool is not None else map(_render_chunk, jobs)
+            for images, chunk_labels in chunks:
                 posterior = vae.encode(images.to(device)).latent_dist
                 means.append(posterior.mean.float().cpu())
                 stds.append(posterior.std.float().cpu())
@@ -98,16 +101,3 @@ def _render_chunk(job: tuple[int, int, int]) -> tuple[torch.Tensor, np.ndarray]:
     shapes, colours, backgrounds = list(SHAPES), list(COLOURS), list(BACKGROUNDS)
     labels = [(shapes.index(c.shape), colours.index(c.colour), backgrounds.index(c.background)) for c in cases]
     return render_batch(cases)[0], np.array(labels, dtype=np.int64).reshape(-1, 3)
-
-
-class _InProcess:
-    """The `map` of a process pool, run in this process (one worker: no start-up cost)."""
-
-    def __enter__(self) -> _InProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def map(self, fn, jobs):  # noqa: ANN001, ANN201 - mirrors Executor.map
-        return map(fn, jobs)

@@ -17,8 +17,9 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ddsedit.shapes.tokenizer import check_tokenizer, save_tokenizer
+from ddsedit.shapes.world import WORDS
 from ddsedit.tiny import model_index
+from ddsedit.wordtokenizer import check_tokenizer, save_tokenizer
 
 EDIT_DEFAULTS: dict[str, Any] = {"size": 64}
 
@@ -62,5 +63,5 @@ def check_folder(folder: Path) -> None:
     assert abs(vae.config.scaling_factor - 0.18215) > 1e-6, "scaling_factor was not measured"
     UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
     CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
-    check_tokenizer(CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"))
+    check_tokenizer(CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"), WORDS)
     DDPMScheduler.from_pretrained(folder, subfolder="scheduler")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ddsedit.editor import Editor
-from ddsedit.shapes import drift, evaluate
+from ddsedit.shapes import evaluate
+from shapes_training import drift
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,13 @@
-"""A CLIPTokenizer in which every given word is one token: the shapes world's, or the tiny test pipeline's.
+"""Word-level CLIP tokenizers: a CLIPTokenizer in which every given word is one token.
+
+The one builder of the small models' tokenizers: the tiny test pipeline's (`ddsedit.tiny`) and the
+bundled shapes model's (built by ``shapes_training`` from the shapes world's words).
 
 CLIP's tokenizer is byte-level BPE whose word-final symbols carry a ``</w>`` suffix. The vocabulary
 here holds the two special tokens, every lowercase letter, digit and common punctuation mark (plain
-and word-final, so an unknown word still tokenizes, letter by letter), every world word, and the
+and word-final, so an unknown word still tokenizes, letter by letter), every given word, and the
 prefixes that its merges pass through.
-Merges are added word by word until each world word is one token, e.g. for "red":
+Merges are added word by word until each given word is one token, e.g. for "red":
 ``r e`` -> ``re``, then ``re d</w>`` -> ``red</w>``.
 
 transformers 5 builds a CLIPTokenizer from `vocab=dict, merges=list of pairs`; passing `vocab_file=` and
@@ -18,8 +21,6 @@ import string
 from pathlib import Path
 
 from transformers import CLIPTokenizer
-
-from ddsedit.shapes.world import WORDS
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -62,7 +63,7 @@ def _vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], list[tupl
     return {tok: i for i, tok in enumerate(tokens)}, merges
 
 
-def build_tokenizer(words: tuple[str, ...] = WORDS) -> CLIPTokenizer:
+def build_tokenizer(words: tuple[str, ...]) -> CLIPTokenizer:
     """A CLIPTokenizer (max length 77, padded with the end token) where each of `words` is one token."""
     vocab, merges = _vocab_and_merges(words)
     tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
@@ -70,7 +71,7 @@ def build_tokenizer(words: tuple[str, ...] = WORDS) -> CLIPTokenizer:
     return tok
 
 
-def check_tokenizer(tok: CLIPTokenizer, words: tuple[str, ...] = WORDS) -> None:
+def check_tokenizer(tok: CLIPTokenizer, words: tuple[str, ...]) -> None:
     """Raise AssertionError unless every word encodes to exactly one token between BOS and EOS."""
     assert tok.bos_token == BOS and tok.eos_token == EOS and tok.pad_token == EOS, "special tokens"
     assert tok.model_max_length == MAX_LENGTH, f"model_max_length {tok.model_max_length}"

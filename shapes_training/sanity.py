@@ -1,6 +1,6 @@
 """Sanity checks of a trained shapes pipeline folder: VAE round trip and text-to-image generation.
 
-    python -m ddsedit.shapes.sanity DIR [--n 40] [--steps 40] [--guidance 6] [--grid samples.png]
+    python -m shapes_training.sanity DIR [--n 40] [--steps 40] [--guidance 6] [--grid samples.png]
 
 * VAE: encode-decode `n` world images; mean L1 (0-1 scale), shape IoU (pixels nearest the shape
   colour), fraction of grey dots kept, and mean background change in levels.
@@ -24,8 +24,8 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ddsedit.shapes import metrics
-from ddsedit.shapes.tokenizer import MAX_LENGTH
 from ddsedit.shapes.world import BACKGROUNDS, COLOURS, SHAPES, make_caption, render_array, sample_case
+from ddsedit.wordtokenizer import MAX_LENGTH
 
 
 @dataclass
@@ -130,8 +130,8 @@ def save_grid(images: np.ndarray, path: Path, cols: int = 10, scale: int = 2) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ddsedit.shapes.sanity", description=__doc__.split("\n")[0])
-    parser.add_argument("folder", type=Path, help="a pipeline folder written by ddsedit.shapes.train")
+    parser = argparse.ArgumentParser(prog="python -m shapes_training.sanity", description=__doc__.split("\n")[0])
+    parser.add_argument("folder", type=Path, help="a pipeline folder written by shapes_training.train")
     parser.add_argument("--n", type=int, default=40)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--guidance", type=float, default=6.0)

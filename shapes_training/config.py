@@ -119,22 +119,19 @@ def default() -> TrainConfig:
     return TrainConfig()
 
 
+def _long_unet_run(lr: float, **settings: Any) -> TrainConfig:
+    """The default architecture, its UNet and text encoder at one peak `lr`, with the slower EMA (0.999)."""
+    return TrainConfig(unet_lr=lr, text_lr=lr, ema_decay=0.999, **settings)
+
+
 def gpu() -> TrainConfig:
     """The same architecture trained on a GPU: a larger pool and batch, many more UNet steps.
 
     Used with ``--init-vae`` (the CPU-trained autoencoder is already near its ceiling) and
     ``--unet-minutes`` (the step count is set from the measured speed and recorded).
     """
-    return TrainConfig(
-        pool_size=131072,
-        unet_steps=20000,
-        unet_batch=256,
-        unet_lr=1e-3,
-        text_lr=1e-3,
-        warmup_steps=300,
-        ema_decay=0.999,
-        checkpoint_every=5000,
-        log_every=500,
+    return _long_unet_run(
+        1e-3, pool_size=131072, unet_steps=20000, unet_batch=256, warmup_steps=300, checkpoint_every=5000, log_every=500
     )
 
 
@@ -146,15 +143,8 @@ def finetune() -> TrainConfig:
     from version 3 (model card, "Where the drift comes from"): less drift at the right answer,
     weaker recolour; not better by the eval.
     """
-    return TrainConfig(
-        unet_steps=1800,
-        unet_lr=1e-4,
-        text_lr=1e-4,
-        warmup_steps=50,
-        ema_decay=0.999,
-        empty_caption_prob=0.4,
-        checkpoint_every=300,
-        log_every=100,
+    return _long_unet_run(
+        1e-4, unet_steps=1800, warmup_steps=50, empty_caption_prob=0.4, checkpoint_every=300, log_every=100
     )
 
 

@@ -1,6 +1,6 @@
 """Where DDS drifts from the right answer: its expected gradient there, per timestep and background.
 
-    python -m ddsedit.shapes.drift --model shapes --cases 40 --draws 8
+    python -m shapes_training.drift --model shapes --cases 40 --draws 8
 
 Started at the right answer (the target image's latents), an edit stays there only if the expected
 DDS gradient vanishes. This measures it on recolour cases, at fixed timesteps, averaged over
@@ -126,7 +126,7 @@ def format_table(rows: list[DriftRow]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ddsedit.shapes.drift", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m shapes_training.drift", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="shapes")
     parser.add_argument("--cases", type=int, default=40)
     parser.add_argument("--seed", type=int, default=123, help="case seed (123: the tune cases, not the eval's)")

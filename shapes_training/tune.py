@@ -1,6 +1,6 @@
 """Grid search over edit settings on a shapes model, scored by the shapes eval.
 
-    python -m ddsedit.shapes.tune --model shapes --cases 40 \\
+    python -m shapes_training.tune --model shapes --cases 40 \\
         --grid '{"lr": [0.05, 0.1], "guidance": [7.5, 15]}' --methods dds,sds --out tune.jsonl
 
 Every combination of the grid's values is applied over the model's defaults (``ddsedit.json``)
@@ -29,7 +29,7 @@ def grid_settings(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ddsedit.shapes.tune", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m shapes_training.tune", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="shapes")
     parser.add_argument("--cases", type=int, default=40)
     parser.add_argument("--seed", type=int, default=TUNE_SEED)

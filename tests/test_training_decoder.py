@@ -9,7 +9,7 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
-from ddsedit.shapes import config, decoder, train
+from shapes_training import config, decoder, train
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Harden a shapes model's VAE decoder: teach it to decode perturbed latents to clean world images.
 
-    python -m ddsedit.shapes.decoder MODEL_DIR --out DIR [--steps 600] [--sigma 0.3] [--lr 5e-4]
+    python -m shapes_training.decoder MODEL_DIR --out DIR [--steps 600] [--sigma 0.3] [--lr 5e-4]
 
 An edit moves latents away from anything the encoder produces, and a decoder trained only on
 the encoder's outputs has never been asked what such latents should look like. This step
@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from ddsedit.shapes.export import check_folder, folder_size
-from ddsedit.shapes.train import reconstruction_loss, step_rng, warmup_cosine
 from ddsedit.shapes.world import render_batch, sample_case
+from shapes_training.export import check_folder, folder_size
+from shapes_training.train import reconstruction_loss, step_rng, warmup_cosine
 
 DECODER_PHASE = 5  # the phase number in step_rng's seeds, apart from the trainer's phases
 
@@ -128,7 +128,7 @@ def harden_model(model_dir: Path, out: Path, cfg: DecoderConfig, on_step=None) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ddsedit.shapes.decoder", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m shapes_training.decoder", description=__doc__.split("\n")[0])
     parser.add_argument("model_dir", type=Path, help="a shapes model folder (e.g. src/ddsedit/bundled/shapes)")
     parser.add_argument("--out", type=Path, required=True, help="the new model folder (must not exist)")
     defaults = DecoderConfig()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ddsedit.shapes import tune
+from shapes_training import tune
 
 
 def test_grid_settings_is_every_combination_in_a_stable_order():
