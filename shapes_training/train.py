@@ -46,6 +46,7 @@ from rich.progress import (
 )
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ddsedit.scores import add_noise
 from ddsedit.shapes.world import WORDS, render_batch, sample_case
 from ddsedit.wordtokenizer import MAX_LENGTH, build_tokenizer
 from shapes_training.config import CONFIGS, TrainConfig
@@ -288,7 +289,7 @@ class Trainer:
         noise = self._randn(latents.shape, gen)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
         alpha_bar = self.alphas_cumprod[t.to(self.device)]
-        noisy = alpha_bar.sqrt().view(-1, 1, 1, 1) * latents + (1 - alpha_bar).sqrt().view(-1, 1, 1, 1) * noise
+        noisy = add_noise(latents, noise, alpha_bar)
         pred = self.unet(noisy, t.to(self.device), self.encode_text(captions)).sample
         mse = (pred - noise).pow(2).mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma > 0:
