@@ -44,19 +44,16 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
+from ddsedit.checks import check_prediction_type
 from ddsedit.errors import DDSEditError, InputError
 from ddsedit.manifest import Manifest, ManifestRow, load_manifest
+from ddsedit.names import METHODS_WITH_REF
 
 if TYPE_CHECKING:
     from ddsedit.editor import EditConfig, Editor, EditRequest
 
 RESULTS_NAME = "results.jsonl"
 STATUSES = ("done", "skipped", "failed", "invalid")
-# Parameters in an output's metadata that must match for the row to count as done.
-COMPARED_PARAMETERS = (
-    "method", "ref", "query", "negative", "seed", "steps", "guidance", "lr", "t_min", "t_max", "size", "model",
-)  # fmt: skip
-MASKED_PARAMETERS = ("paste_back", "feather")
 RUN_ID_VARIABLE = "DDSEDIT_BATCH_RUN_ID"  # set by ``--processes`` for the processes it launches
 _RANK_FILE = re.compile(r"^results\.(\d+)\.jsonl$")
 _TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{8}\.tmp$")  # imageio's atomic-write temp files
@@ -83,7 +80,7 @@ class Job:
         """The parameters the output's metadata records when this row has run."""
         from ddsedit.editor import edit_parameters
 
-        ref = self.row.ref if self.row.method != "sds" else ""
+        ref = self.row.ref if self.row.method in METHODS_WITH_REF else ""
         return {**edit_parameters(self.row.method, ref, self.row.query, self.seed, self.config), "model": model_name}
 
     def output_matches(self, model_name: str) -> bool:
@@ -526,8 +523,7 @@ def _check_options(options: BatchOptions) -> None:
         raise InputError(f"--processes must be at least 1, got {options.processes}")
     if options.processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("--processes cannot be used under accelerate launch: use one or the other")
-    if options.prediction_type not in (None, "epsilon", "v_prediction"):
-        raise InputError(f"--prediction-type must be epsilon or v_prediction, got {options.prediction_type!r}")
+    check_prediction_type(options.prediction_type)
 
 
 def resolve_defaults(options: BatchOptions) -> tuple[EditConfig, str]:

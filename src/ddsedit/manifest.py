@@ -21,10 +21,10 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from ddsedit.checks import prompt_problems
 from ddsedit.errors import InputError
+from ddsedit.names import MASKED_METHOD, METHODS
 
-# Same as ddsedit.optimize.METHODS; repeated so that checking a manifest does not import torch.
-METHODS = ("sds", "dds", "masked-dds")
 COLUMNS = ("src", "ref", "query", "method", "mask", "seed", "steps", "guidance", "lr", "out")
 REQUIRED_COLUMNS = ("src", "query")
 DEFAULT_METHOD = "dds"
@@ -197,10 +197,7 @@ def _check_row(line: int, values: dict[str, Any], base: Path) -> tuple[ManifestR
     method = (text["method"] or DEFAULT_METHOD).lower()
     if method not in METHODS:
         reasons.append(f"unknown method {text['method']!r}: use {', '.join(METHODS)}")
-    if not text["query"]:
-        reasons.append("query must not be empty")
-    if method in ("dds", "masked-dds") and not text["ref"]:
-        reasons.append(f"ref must not be empty: {method} needs what the source shows")
+    reasons.extend(prompt_problems(method, text["query"], text["ref"]))
 
     src = image_size = None
     if not text["src"]:
@@ -209,10 +206,10 @@ def _check_row(line: int, values: dict[str, Any], base: Path) -> tuple[ManifestR
         src = _resolve(text["src"], base)
         image_size = _image_size(src, "src", reasons)
     mask = None
-    if method == "masked-dds" and not text["mask"]:
-        reasons.append("masked-dds needs a mask (white = editable)")
-    elif text["mask"] and method != "masked-dds":
-        reasons.append(f"mask is only used by masked-dds, not {method}")
+    if method == MASKED_METHOD and not text["mask"]:
+        reasons.append(f"{MASKED_METHOD} needs a mask (white = editable)")
+    elif text["mask"] and method != MASKED_METHOD:
+        reasons.append(f"mask is only used by {MASKED_METHOD}, not {method}")
     elif text["mask"]:
         mask = _resolve(text["mask"], base)
         _image_size(mask, "mask", reasons)

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ddsedit import scores
-
-METHODS = ("sds", "dds", "masked-dds")
+from ddsedit.names import METHODS as METHODS  # defined there, torch-free; the editor imports it from here
 
 StepCallback = Callable[[int, torch.Tensor], None]
 

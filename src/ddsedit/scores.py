@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ddsedit.names import PREDICTION_TYPES
+
 # The DDS reference code divides its loss by the latent's pixel count, which is 64 * 64
 # for SD's 512 px images. We keep that number fixed so that one step moves each latent
 # element by lr * GRADIENT_SCALE * grad whatever the image size: dividing by the real
@@ -17,8 +19,6 @@ import torch
 REFERENCE_LATENT_PIXELS = 64 * 64
 LOSS_SCALE = 2000.0
 GRADIENT_SCALE = LOSS_SCALE / REFERENCE_LATENT_PIXELS
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
