@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -9,11 +10,12 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, PngImagePlugin
 from typer.testing import CliRunner
 
 from ddsedit import batch
@@ -69,7 +71,7 @@ def _rows(count: int) -> list[dict]:
     ]  # fmt: skip
 
 
-def _batch(manifest: Path, out_dir: Path, model: Path, *extra: str):
+def _batch(manifest: Path, out_dir: Path, model: Path | str, *extra: str):
     return runner.invoke(
         app, ["batch", str(manifest), "--out-dir", str(out_dir), "--model", str(model), "--steps", "2", *extra]
     )
@@ -324,6 +326,128 @@ def test_an_interrupt_keeps_finished_rows_and_a_rerun_finishes(
     again = _batch(manifest, out_dir, tiny_model_dir, "--quiet")
     assert again.exit_code == 0, again.stderr
     assert [(r["line"], r["status"]) for r in _last_run(out_dir)] == [(1, "skipped"), (2, "done"), (3, "done")]
+
+
+# --------------------------------------------------------------------------- resume: what counts as the same edit
+
+
+def _rewrite_parameters(path: Path, change: Callable[[dict], dict]) -> None:
+    """Re-save a PNG output with its recorded parameters changed (as another ddsedit would have written them)."""
+    with Image.open(path) as image:
+        recorded = json.loads(image.text["ddsedit"])
+        pixels = image.copy()
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("ddsedit", json.dumps(change(recorded)))
+    pixels.save(path, format="PNG", pnginfo=info)
+
+
+def test_resume_knows_the_model_however_it_is_typed(tmp_path: Path, images: Path, tiny_model_dir, monkeypatch):
+    manifest = _write_jsonl(tmp_path / "manifest.jsonl", _rows(2))
+    out_dir = tmp_path / "out"
+    (tmp_path / "link").symlink_to(tiny_model_dir, target_is_directory=True)
+    monkeypatch.chdir(tiny_model_dir.parent)
+    first = _batch(manifest, out_dir, tiny_model_dir.name, "--quiet")
+    assert first.exit_code == 0, first.stderr
+    assert read_metadata(out_dir / "edit0.png")["model"] == str(tiny_model_dir.resolve())
+    for spelling in (f"./{tiny_model_dir.name}", str(tiny_model_dir), str(tmp_path / "link")):
+        again = _batch(manifest, out_dir, spelling, "--quiet")
+        assert again.exit_code == 0, (spelling, again.stderr)
+        assert [r["status"] for r in _last_run(out_dir)] == ["skipped", "skipped"], spelling
+
+
+def test_resume_compares_the_prediction_type(tmp_path: Path, images: Path, tiny_model_dir) -> None:
+    manifest = _write_jsonl(tmp_path / "manifest.jsonl", _rows(2))
+    out_dir = tmp_path / "out"
+    assert _batch(manifest, out_dir, tiny_model_dir, "--quiet").exit_code == 0
+    assert read_metadata(out_dir / "edit0.png")["prediction_type"] == "epsilon"  # the model's scheduler's
+    same = _batch(manifest, out_dir, tiny_model_dir, "--prediction-type", "epsilon", "--quiet")
+    assert same.exit_code == 0, same.stderr
+    assert [r["status"] for r in _last_run(out_dir)] == ["skipped", "skipped"]
+    other = _batch(manifest, out_dir, tiny_model_dir, "--prediction-type", "v_prediction", "--quiet")
+    assert other.exit_code == 1
+    assert other.stderr.count("output exists with other parameters") == 2
+    assert [r["status"] for r in _last_run(out_dir)] == ["failed", "failed"]
+
+
+def test_resume_notices_a_source_or_mask_changed_under_the_same_name(
+    tmp_path: Path, images: Path, tiny_model_dir
+) -> None:
+    manifest = _write_jsonl(tmp_path / "manifest.jsonl", [
+        {"src": "images/red.png", "ref": "a red circle", "query": "a blue circle", "out": "red.png"},
+        {"src": "images/green.png", "ref": "a green circle", "query": "a blue circle", "method": "masked-dds",
+         "mask": "images/mask.png", "out": "green.png"},
+    ])  # fmt: skip
+    out_dir = tmp_path / "out"
+    first = _batch(manifest, out_dir, tiny_model_dir, "--quiet")
+    assert first.exit_code == 0, first.stderr
+    recorded = read_metadata(out_dir / "green.png")
+    assert recorded["source_sha256"] == hashlib.sha256((images / "green.png").read_bytes()).hexdigest()
+    assert recorded["mask_sha256"] == hashlib.sha256((images / "mask.png").read_bytes()).hexdigest()
+
+    _circle(images / "red.png", "yellow")  # same name, same size, other pixels
+    source_changed = _batch(manifest, out_dir, tiny_model_dir, "--quiet")
+    assert source_changed.exit_code == 1
+    assert [r["status"] for r in _last_run(out_dir)] == ["failed", "skipped"]
+    assert "output exists with other parameters" in _last_run(out_dir)[0]["error"]
+
+    mask = Image.new("L", (60, 40), 0)
+    ImageDraw.Draw(mask).rectangle((0, 0, 30, 39), fill=255)
+    mask.save(images / "mask.png")
+    mask_changed = _batch(manifest, out_dir, tiny_model_dir, "--quiet")
+    assert mask_changed.exit_code == 1
+    assert [r["status"] for r in _last_run(out_dir)] == ["failed", "failed"]
+
+
+def test_outputs_of_an_older_ddsedit_are_redone_only_with_overwrite(
+    tmp_path: Path, images: Path, tiny_model_dir
+) -> None:
+    manifest = _write_jsonl(tmp_path / "manifest.jsonl", _rows(3))
+    out_dir = tmp_path / "out"
+    assert _batch(manifest, out_dir, tiny_model_dir, "--quiet").exit_code == 0
+    older_keys = ("prediction_type", "source_sha256", "mask_sha256")
+    for name in ("edit0.png", "edit1.png"):  # recorded before outputs named the model's identity and files
+        _rewrite_parameters(out_dir / name, lambda p: {k: v for k, v in p.items() if k not in older_keys})
+    older = _batch(manifest, out_dir, tiny_model_dir, "--quiet")
+    assert older.exit_code == 1
+    notes = [line for line in older.stderr.splitlines() if "older ddsedit" in line]
+    assert notes == [
+        "2 outputs were written by an older ddsedit without model/file identity; "
+        "treating them as different (use --overwrite to redo them)"
+    ]
+    assert [r["status"] for r in _last_run(out_dir)] == ["failed", "failed", "skipped"]
+    redone = _batch(manifest, out_dir, tiny_model_dir, "--quiet", "--overwrite")
+    assert redone.exit_code == 0, redone.stderr
+    assert "older ddsedit" not in redone.stderr
+    assert "source_sha256" in read_metadata(out_dir / "edit0.png")
+
+
+def test_expected_prediction_type_is_read_without_loading_weights(tmp_path: Path, tiny_v_model_dir) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    def checkpoint(name: str, family: str) -> Path:
+        """Just the tensors that tell SD 1.x from 2.x (as in test_checkpoints): no weights to load."""
+        width = 768 if family == "sd15" else 1024
+        text = "cond_stage_model.transformer.text_model.x" if family == "sd15" else "cond_stage_model.model.x"
+        tensors = {
+            "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 4, 1, 1),
+            "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(2, width),
+            text: torch.zeros(1),
+        }
+        save_file(tensors, str(tmp_path / name))
+        return tmp_path / name
+
+    expected = batch.expected_prediction_type
+    assert expected("folder", tiny_v_model_dir, None) == "v_prediction"
+    assert expected("folder", tiny_v_model_dir, "epsilon") == "epsilon"  # the flag wins
+    assert expected("file", checkpoint("v1-5.safetensors", "sd15"), None) == "epsilon"
+    assert expected("file", checkpoint("v2-1_768-ema.safetensors", "sd2"), None) == "v_prediction"
+    assert expected("file", checkpoint("v2-1_512-ema.safetensors", "sd2"), None) == "epsilon"
+    (tmp_path / "model.ckpt").write_bytes(b"not loaded")
+    assert expected("file", tmp_path / "model.ckpt", None) is None  # a pickle must be loaded to tell
+    assert expected("file", tmp_path / "model.ckpt", "v_prediction") == "v_prediction"
+    (tmp_path / "broken.safetensors").write_bytes(b"xx")
+    assert expected("file", tmp_path / "broken.safetensors", None) is None  # loading reports it
 
 
 # --------------------------------------------------------------------------- results files

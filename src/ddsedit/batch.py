@@ -15,8 +15,10 @@ The run goes:
 3. Rows are split between processes with accelerate's ``PartialState.split_between_processes``
    (one process unless started by ``accelerate launch``): the rows whose output is missing and
    the rows whose output exists (to check) are each split evenly, so a resumed run stays balanced.
-4. A row whose output exists with the same recorded parameters is skipped; the model is
-   loaded once, only if some row is left; rows run alone or K at a time in one UNet call.
+4. A row whose output exists with the same recorded parameters is skipped: the same edit
+   settings, the same resolved model and prediction type, the same source and mask bytes
+   (SHA-256). The model is loaded once, only if some row is left; rows run alone or K at a
+   time in one UNet call.
 5. Every finished row is appended to ``results.jsonl`` (``results.<rank>.jsonl`` per process
    when there are several, merged by the main process), flushed and fsynced.
 
@@ -47,13 +49,16 @@ from rich.console import Console
 from ddsedit.checks import check_prediction_type
 from ddsedit.errors import DDSEditError, InputError
 from ddsedit.manifest import Manifest, ManifestRow, load_manifest
-from ddsedit.names import METHODS_WITH_REF
+from ddsedit.names import DEFAULT_PREDICTION_TYPE, METHODS_WITH_REF
 
 if TYPE_CHECKING:
     from ddsedit.editor import EditConfig, Editor, EditRequest
 
 RESULTS_NAME = "results.jsonl"
 STATUSES = ("done", "skipped", "failed", "invalid")
+# Recorded by every output since outputs name the resolved model and their input files; an output
+# without them was written by an older ddsedit, whose record cannot show that it is this row's edit.
+IDENTITY_KEYS = ("prediction_type", "source_sha256")
 RUN_ID_VARIABLE = "DDSEDIT_BATCH_RUN_ID"  # set by ``--processes`` for the processes it launches
 _RANK_FILE = re.compile(r"^results\.(\d+)\.jsonl$")
 _TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{8}\.tmp$")  # imageio's atomic-write temp files
@@ -61,6 +66,49 @@ _POLL_SECONDS = 0.5
 
 
 # --------------------------------------------------------------------------- jobs
+
+
+@dataclass(frozen=True)
+class ExpectedModel:
+    """What an output must record about the model to count as done, known without loading the weights."""
+
+    identity: str  # ddsedit.loading.model_identity: the same however the model was typed
+    prediction_type: str | None  # None: cannot be known without loading the weights, so not compared
+
+
+def expected_prediction_type(kind: str, path: Path, prediction_type: str | None) -> str | None:
+    """The prediction type the editor will use and record for a model, read without loading its weights.
+
+    ``prediction_type`` (the flag) wins; a folder's is its scheduler config's; a ``.safetensors``
+    file's is that of the bundled config its header selects. A pickle must be loaded whole to
+    tell (None: resume then compares the other parameters only), as must an unreadable model,
+    whose load reports the problem if some row is left to run.
+    """
+    if prediction_type is not None:
+        return prediction_type
+    if kind == "folder":
+        config_path = path / "scheduler" / "scheduler_config.json"
+    elif path.suffix.lower() == ".safetensors":
+        from ddsedit.checkpoints import MODEL_CONFIGS_DIR, detect_sd_version
+
+        try:
+            config_path = MODEL_CONFIGS_DIR / detect_sd_version(path) / "scheduler" / "scheduler_config.json"
+        except DDSEditError:
+            return None
+    else:
+        return None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    return str(config.get("prediction_type") or DEFAULT_PREDICTION_TYPE)  # as loading.load_model reads it
+
+
+def written_by_older_version(recorded: dict[str, Any]) -> bool:
+    """Whether an output's recorded parameters lack the model/file identity that outputs record now."""
+    return not all(key in recorded for key in IDENTITY_KEYS)
 
 
 @dataclass(frozen=True)
@@ -76,24 +124,55 @@ class Job:
         assert self.config.seed is not None
         return self.config.seed
 
-    def expected_parameters(self, model_name: str) -> dict[str, Any]:
-        """The parameters the output's metadata records when this row has run."""
+    def expected_parameters(self, model: ExpectedModel) -> dict[str, Any]:
+        """The parameters (but not the file hashes) that the output's metadata records when this row has run."""
         from ddsedit.editor import edit_parameters
 
         ref = self.row.ref if self.row.method in METHODS_WITH_REF else ""
-        return {**edit_parameters(self.row.method, ref, self.row.query, self.seed, self.config), "model": model_name}
+        parameters = edit_parameters(self.row.method, ref, self.row.query, self.seed, self.config)
+        parameters["model"] = model.identity
+        if model.prediction_type is not None:
+            parameters["prediction_type"] = model.prediction_type
+        return parameters
 
-    def output_matches(self, model_name: str) -> bool:
-        """Whether the output exists, is a complete PNG and records this row's parameters."""
+    def file_hashes(self) -> dict[str, str]:
+        """The SHA-256 of the row's source (and mask) as they are now, keyed as outputs record them.
+
+        Raises:
+            InputError: a file cannot be read.
+        """
+        from ddsedit import imageio
+
+        hashes = {"source_sha256": imageio.file_sha256(self.row.src)}
+        if self.row.mask is not None:
+            hashes["mask_sha256"] = imageio.file_sha256(self.row.mask)
+        return hashes
+
+    def recorded_parameters(self) -> dict[str, Any] | None:
+        """The parameters recorded in the output's metadata; None if it has none or cannot be read."""
         from ddsedit import imageio
 
         try:
             recorded = json.loads(imageio.read_metadata(self.output)["ddsedit"])
         except (DDSEditError, KeyError, ValueError, OSError):
+            return None
+        return recorded if isinstance(recorded, dict) else None
+
+    def output_matches(self, model: ExpectedModel) -> bool:
+        """Whether the output exists, is complete and records this row's edit of these very files on this model.
+
+        An output of an older ddsedit (see :func:`written_by_older_version`) never matches.
+        """
+        recorded = self.recorded_parameters()
+        if recorded is None or written_by_older_version(recorded):
             return False
-        if not isinstance(recorded, dict):
+        if any(recorded.get(key) != value for key, value in self.expected_parameters(model).items()):
             return False
-        return all(recorded.get(key) == value for key, value in self.expected_parameters(model_name).items())
+        try:
+            hashes = self.file_hashes()  # read last: the cheap comparisons usually decide
+        except DDSEditError:
+            return False
+        return all(recorded.get(key) == value for key, value in hashes.items())
 
 
 def plan_jobs(rows: list[ManifestRow], defaults: EditConfig, out_dir: Path) -> list[Job]:
@@ -421,7 +500,7 @@ class _Run:
     run: str
     rank: int
     results: Path
-    model_name: str
+    expected_model: ExpectedModel
     display: BatchDisplay
     emit: Callable[[str], None]
 
@@ -463,7 +542,7 @@ def run_batch(options: BatchOptions, console: Console, emit: Callable[[str], Non
     from ddsedit.loading import quiet_third_party_output
 
     quiet_third_party_output(options.verbose)  # imports the libraries: only now that the manifest is fine
-    defaults, model_name = resolve_defaults(options)
+    defaults, expected_model = resolve_defaults(options)
 
     if options.processes > 1:
         return launch_processes(options, console)
@@ -486,6 +565,8 @@ def run_batch(options: BatchOptions, console: Console, emit: Callable[[str], Non
         merge_rank_files(out_dir)  # what a killed multi-process run left
         append_records(out_dir / RESULTS_NAME, _invalid_records(manifest, run))
         present = [job.output.exists() for job in jobs]
+        if not options.overwrite:
+            _note_older_outputs(console, [job for job, there in zip(jobs, present, strict=True) if there])
     if distributed:
         from accelerate.utils import broadcast_object_list
 
@@ -496,7 +577,7 @@ def run_batch(options: BatchOptions, console: Console, emit: Callable[[str], Non
 
     quiet = options.quiet or not state.is_main_process
     with BatchDisplay(console, total=len(jobs), quiet=quiet) as display:
-        context = _Run(options, run, state.process_index, results, model_name, display, emit)
+        context = _Run(options, run, state.process_index, results, expected_model, display, emit)
         feed = _RankFeed(out_dir, run, state.process_index) if distributed and state.is_main_process else None
         _work(context, my_jobs, device, feed)
         if feed is not None:
@@ -526,21 +607,40 @@ def _check_options(options: BatchOptions) -> None:
     check_prediction_type(options.prediction_type)
 
 
-def resolve_defaults(options: BatchOptions) -> tuple[EditConfig, str]:
-    """The rows' default settings (the model's ``ddsedit.json``, then the flags) and the model's name.
+def resolve_defaults(options: BatchOptions) -> tuple[EditConfig, ExpectedModel]:
+    """The rows' default settings (the model's ``ddsedit.json``, then the flags) and what outputs record of the model.
 
-    Reads only the model's defaults file, not its weights, so that finished rows can be
-    recognised without loading the model. The name is what outputs record as ``model``.
+    Reads only the model's defaults and scheduler config (or a checkpoint's header), not its
+    weights, so that finished rows can be recognised without loading the model.
     """
     from ddsedit.editor import EditConfig
-    from ddsedit.loading import default_model, locate_model, read_defaults
+    from ddsedit.loading import locate_model, model_identity, read_defaults
 
     overrides = options.overrides()
     EditConfig().replace(**overrides).validate()  # the flags, with their names in the message
     kind, path = locate_model(options.model, allow_pickle=options.allow_pickle)
     defaults = EditConfig().replace(**(read_defaults(path) if kind == "folder" else {})).replace(**overrides)
     defaults.validate()
-    return defaults, str(options.model) if options.model is not None else default_model()
+    expected = ExpectedModel(
+        identity=model_identity(options.model, kind, path),
+        prediction_type=expected_prediction_type(kind, path, options.prediction_type),
+    )
+    return defaults, expected
+
+
+def _note_older_outputs(console: Console, existing: list[Job]) -> None:
+    """One line on stderr if some existing outputs were written without model/file identity (they will not match)."""
+    older = 0
+    for job in existing:
+        recorded = job.recorded_parameters()
+        older += recorded is not None and written_by_older_version(recorded)
+    if older:
+        subject, them = (f"{older} outputs were", "them") if older > 1 else ("1 output was", "it")
+        console.print(
+            f"{subject} written by an older ddsedit without model/file identity; "
+            f"treating {them} as different (use --overwrite to redo {them})",
+            markup=False, highlight=False, soft_wrap=True,
+        )  # fmt: skip
 
 
 def _process_state(device: str) -> Any:
@@ -598,7 +698,7 @@ def _work(context: _Run, jobs: list[Job], device: str, feed: _RankFeed | None) -
     for job in jobs:
         if not job.output.exists() or options.overwrite:
             pending.append(job)
-        elif job.output_matches(context.model_name):
+        elif job.output_matches(context.expected_model):
             context.record(job, "skipped", 0.0)
         else:
             context.record(
@@ -688,9 +788,13 @@ def _request(job: Job) -> EditRequest:
     from ddsedit.editor import EditRequest
 
     row = job.row
+    hashes = job.file_hashes()  # recorded with the output, so that a rerun notices a file changed in place
     source = imageio.load_image(row.src)
     mask = imageio.load_mask(row.mask, source.size) if row.mask is not None else None
-    return EditRequest(image=source, query=row.query, ref=row.ref or None, mask=mask, seed=job.seed)
+    return EditRequest(
+        image=source, query=row.query, ref=row.ref or None, mask=mask, seed=job.seed,
+        source_sha256=hashes["source_sha256"], mask_sha256=hashes.get("mask_sha256"),
+    )  # fmt: skip
 
 
 def _describe(error: BaseException, context: _Run) -> str:
