@@ -192,6 +192,8 @@ def test_jsonl_format_errors_carry_line_numbers(tmp_path: Path, images: Path) ->
         ["query must be text, got 5", "query must not be empty", "seed must be an integer in [0, 2^63), got true",
          "out must be a file name, not a path: 'a/b.png'"]
     )  # fmt: skip
+    sources = {error.line: error.src for error in loaded.errors}  # src as written, when the line is a row
+    assert sources == {2: "", 3: "", 5: "images/red.png", 6: "images/red.png"}
     with pytest.raises(batch.InputError, match="must be a .jsonl or .csv"):
         load_manifest(tmp_path / "manifest.txt")
 
@@ -207,16 +209,30 @@ def test_csv_header_problems_are_reported_on_line_1(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- runs
 
 
-def test_skip_invalid_runs_the_valid_rows_and_records_the_others(tmp_path: Path, images: Path, tiny_model_dir) -> None:
-    rows = _rows(2) + [{"src": "images/missing.png", "ref": "r", "query": "q"}]
-    manifest = _write_jsonl(tmp_path / "manifest.jsonl", rows)
+def test_skip_invalid_runs_the_valid_rows_records_the_others_and_exits_1(
+    tmp_path: Path, images: Path, tiny_model_dir
+) -> None:
+    missing = {"src": "images/missing.png", "query": "q", "method": "sds"}
+    manifest = _write_jsonl(tmp_path / "manifest.jsonl", _rows(2) + [missing])
+    with open(manifest, "a", encoding="utf-8") as handle:
+        handle.write("{not json\n")  # line 4: no src to record
     out_dir = tmp_path / "out"
     result = _batch(manifest, out_dir, tiny_model_dir, "--skip-invalid", "--quiet")
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == 1, result.stderr  # a script must see that some row was not done
     assert result.stdout.splitlines() == [str(out_dir / "edit0.png"), str(out_dir / "edit1.png")]
-    assert result.stderr.startswith(f"{manifest}:3: src not found") and "(skipped)" in result.stderr
-    statuses = {record["line"]: record["status"] for record in _records(out_dir)}
-    assert statuses == {1: "done", 2: "done", 3: "invalid"}
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"{manifest}:3: src not found: {tmp_path / 'images/missing.png'} (not run: invalid)"
+    assert lines[1].startswith(f"{manifest}:4: invalid JSON") and lines[1].endswith("(not run: invalid)")
+    assert "(skipped)" not in result.stderr  # the word for rows already done
+    records = {record["line"]: record for record in _records(out_dir)}
+    assert {line: record["status"] for line, record in records.items()} == {
+        1: "done", 2: "done", 3: "invalid", 4: "invalid"
+    }  # fmt: skip
+    assert records[3]["src"] == "images/missing.png" and records[4]["src"] == ""  # as written in the manifest
+
+    again = _batch(manifest, out_dir, tiny_model_dir, "--skip-invalid", "--quiet")
+    assert again.exit_code == 1  # the finished rows are skipped, the bad ones are still not done
+    assert [r["status"] for r in _last_run(out_dir)] == ["invalid", "invalid", "skipped", "skipped"]
 
 
 def test_resume_reruns_only_the_missing_output(tmp_path: Path, images: Path, tiny_model_dir) -> None:
@@ -494,6 +510,31 @@ def test_processes_flag_relaunches_through_accelerate(tmp_path: Path, images: Pa
     assert arguments[:4] == ["batch", str(manifest), "--out-dir", str(tmp_path / "out")]
     assert "--processes" not in arguments and ["--seed", "4"] == arguments[arguments.index("--seed") :][:2]
     assert launched["env"][batch.RUN_ID_VARIABLE]
+
+
+def test_processes_flag_exits_1_when_a_launched_run_recorded_an_invalid_row(
+    tmp_path: Path, images: Path, tiny_model_dir, monkeypatch
+) -> None:
+    missing = {"src": "images/missing.png", "query": "q", "method": "sds"}
+    manifest = _write_jsonl(tmp_path / "manifest.jsonl", _rows(1) + [missing])
+    out_dir = tmp_path / "out"
+
+    class FakeProcess:
+        """Records what the launched processes would: one row done, one invalid."""
+
+        def __init__(self, command, env):
+            out_dir.mkdir()
+            run = env[batch.RUN_ID_VARIABLE]
+            batch.append_records(out_dir / "results.jsonl", [
+                {"line": 1, "status": "done", "run": run}, {"line": 2, "status": "invalid", "run": run},
+            ])  # fmt: skip
+
+        def wait(self, timeout=None):
+            return 0
+
+    monkeypatch.setattr(batch.subprocess, "Popen", FakeProcess)
+    result = _batch(manifest, out_dir, tiny_model_dir, "--processes", "2", "--device", "cpu", "--skip-invalid")
+    assert result.exit_code == 1, result.stderr
 
 
 def test_shares_split_the_rows_to_edit_and_to_check_evenly_without_overlap() -> None:

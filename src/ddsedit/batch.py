@@ -9,7 +9,8 @@ The run goes:
 
 1. :func:`ddsedit.manifest.load_manifest` reads and checks every row (files exist and are images, methods,
    prompts, numbers, unique output names) without torch; bad rows stop the run before
-   anything loads, unless ``skip_invalid``.
+   anything loads, unless ``skip_invalid``: then the others run, the bad ones are recorded
+   as ``invalid`` and the run still exits 1, since those rows were not done.
 2. Each row becomes a :class:`Job`: its output path and its full :class:`EditConfig`, with a
    seed that is the same on every run (so that resuming can compare parameters).
 3. Rows are split between processes with accelerate's ``PartialState.split_between_processes``
@@ -55,7 +56,9 @@ if TYPE_CHECKING:
     from ddsedit.editor import EditConfig, Editor, EditRequest
 
 RESULTS_NAME = "results.jsonl"
-STATUSES = ("done", "skipped", "failed", "invalid")
+STATUSES = ("done", "skipped", "failed", "invalid")  # skipped: done by an earlier run; invalid: a bad row, not run
+NOT_DONE_STATUSES = ("failed", "invalid")  # any of these makes the run exit 1
+NOT_RUN_LABEL = "(not run: invalid)"  # after each bad row's line with --skip-invalid
 # Recorded by every output since outputs name the resolved model and their input files; an output
 # without them was written by an older ddsedit, whose record cannot show that it is this row's edit.
 IDENTITY_KEYS = ("prediction_type", "source_sha256")
@@ -424,7 +427,7 @@ def print_summary(console: Console, records: list[dict[str, Any]], seconds: floa
             total = sum(float(record.get("seconds") or 0.0) for record in chosen)
             table.add_row(status, str(len(chosen)), f"{total:.1f}")
     console.print(table)
-    failed = [record for record in records if record.get("status") in ("failed", "invalid")]
+    failed = [record for record in records if record.get("status") in NOT_DONE_STATUSES]
     if failed:
         shown = 20
         console.print("rows not done (see results.jsonl):", markup=False, highlight=False)
@@ -520,8 +523,9 @@ class _Run:
 def run_batch(options: BatchOptions, console: Console, emit: Callable[[str], None]) -> int:
     """Run a manifest in this process (or launch ``options.processes`` processes); returns the exit code.
 
-    0: every row done or skipped; 1: some row failed. Bad input (flags, the manifest, its rows
-    unless ``skip_invalid``) raises :class:`InputError` before any model loads.
+    0: every row done or skipped (done before); 1: some row failed, or was invalid and not run
+    (``skip_invalid``). Bad input (flags, the manifest, its rows unless ``skip_invalid``) raises
+    :class:`InputError` before any model loads.
     """
     started = time.monotonic()
     launched_by_parent = os.environ.get(RUN_ID_VARIABLE)
@@ -529,7 +533,7 @@ def run_batch(options: BatchOptions, console: Console, emit: Callable[[str], Non
     _check_options(options)
     manifest = load_manifest(options.manifest)
     if manifest.errors and (is_main_rank and not launched_by_parent):
-        suffix = " (skipped)" if options.skip_invalid else ""
+        suffix = f" {NOT_RUN_LABEL}" if options.skip_invalid else ""
         for line in manifest.error_lines():
             console.print(line + suffix, markup=False, highlight=False, soft_wrap=True)
     if manifest.errors and not options.skip_invalid:
@@ -591,10 +595,10 @@ def run_batch(options: BatchOptions, console: Console, emit: Callable[[str], Non
     records = run_records(out_dir, run)
     if not options.quiet:
         print_summary(console, records, time.monotonic() - started, options.manifest)
-    failed = any(record.get("status") == "failed" for record in records)
+    not_done = any(record.get("status") in NOT_DONE_STATUSES for record in records)
     if launched_by_parent:
         return 0  # the launching process reads the results and sets the exit code
-    return 1 if failed else 0
+    return 1 if not_done else 0
 
 
 def _check_options(options: BatchOptions) -> None:
@@ -679,13 +683,15 @@ def _my_share(state: Any, jobs: list[Job], present: list[bool], overwrite: bool)
 
 
 def _invalid_records(manifest: Manifest, run: str) -> list[str]:
-    """Records for the bad lines that ``--skip-invalid`` leaves out, one per line."""
+    """Records for the bad lines that ``--skip-invalid`` leaves out, one per line, with src as written."""
     reasons: dict[int, list[str]] = {}
+    sources: dict[int, str] = {}
     for error in manifest.errors:
         reasons.setdefault(error.line, []).append(error.reason)
+        sources[error.line] = error.src
     return [
-        RowRecord(line=line, src="", out=None, status="invalid", seconds=0.0, error="; ".join(why), seed=None,
-                  run=run).to_json()
+        RowRecord(line=line, src=sources[line], out=None, status="invalid", seconds=0.0, error="; ".join(why),
+                  seed=None, run=run).to_json()
         for line, why in sorted(reasons.items())
     ]  # fmt: skip
 
@@ -866,7 +872,7 @@ def launch_processes(options: BatchOptions, console: Console) -> int:
             process.wait()
         raise
     records = run_records(Path(options.out_dir), run)
-    if any(record.get("status") == "failed" for record in records) or returncode != 0:
+    if any(record.get("status") in NOT_DONE_STATUSES for record in records) or returncode != 0:
         if returncode != 0:
             console.print(f"error: the launched processes exited with code {returncode}", markup=False)
         return 1

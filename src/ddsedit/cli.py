@@ -517,8 +517,10 @@ def batch_command(
     --steps, --guidance and --lr apply to the rows that do not set their own.
 
     stdout: the output path of every row done or already done. Exit codes: 0 all rows done,
-    1 some row failed (each recorded in OUT_DIR/results.jsonl), 2 bad input (each bad row
-    printed as MANIFEST:LINE: reason; nothing runs unless --skip-invalid), 130 interrupted.
+    1 some row failed, or was bad and not run under --skip-invalid (each recorded in
+    OUT_DIR/results.jsonl), 2 bad input (each bad row printed as MANIFEST:LINE: reason;
+    nothing runs unless --skip-invalid, which runs the others and marks these "not run: invalid"),
+    130 interrupted.
     """
     try:
         from ddsedit.batch import BatchOptions, run_batch  # quiets the libraries once the manifest is checked

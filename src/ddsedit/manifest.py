@@ -37,6 +37,7 @@ class RowError:
 
     line: int
     reason: str
+    src: str = ""  # the row's src as written, when the line could be read as a row
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,8 @@ def _read_jsonl(lines: Iterator[str]) -> tuple[list[tuple[int, dict[str, Any]]],
             continue
         unknown = sorted(set(value) - set(COLUMNS))
         if unknown:
-            errors.append(RowError(number, f"unknown column(s) {', '.join(unknown)}: use {', '.join(COLUMNS)}"))
+            reason = f"unknown column(s) {', '.join(unknown)}: use {', '.join(COLUMNS)}"
+            errors.append(RowError(number, reason, _written_src(value)))
             continue
         rows.append((number, {key: item for key, item in value.items() if item is not None}))
     return rows, errors
@@ -158,7 +160,8 @@ def _read_csv(handle: Iterator[str]) -> tuple[list[tuple[int, dict[str, Any]]], 
         if not any(cell.strip() for cell in cells):
             continue
         if len(cells) > len(names):
-            errors.append(RowError(start, f"{len(cells)} cells but the header has {len(names)} columns"))
+            written = _written_src(dict(zip(names, cells, strict=False)))
+            errors.append(RowError(start, f"{len(cells)} cells but the header has {len(names)} columns", written))
             continue
         rows.append((start, {name: cell for name, cell in zip(names, cells, strict=False) if cell.strip()}))
     return rows, errors
@@ -184,7 +187,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
             else:
                 first_line_of_output[key] = line
         if reasons:
-            errors.extend(RowError(line, reason) for reason in reasons)
+            errors.extend(RowError(line, reason, _written_src(values)) for reason in reasons)
         elif row is not None:
             rows.append(row)
     return Manifest(path=path, rows=rows, errors=errors)
@@ -238,6 +241,12 @@ def _check_row(line: int, values: dict[str, Any], base: Path) -> tuple[ManifestR
         seed=seed, steps=steps, guidance=guidance, lr=lr, image_size=image_size, identity=identity,
     )  # fmt: skip
     return row, reasons, out
+
+
+def _written_src(values: dict[str, Any]) -> str:
+    """A row's src as written (for the record of a bad row); empty when absent or not text."""
+    src = values.get("src")
+    return src if isinstance(src, str) else ""
 
 
 def _text(values: dict[str, Any], name: str, reasons: list[str]) -> str | None:
