@@ -198,6 +198,20 @@ def test_jsonl_format_errors_carry_line_numbers(tmp_path: Path, images: Path) ->
         load_manifest(tmp_path / "manifest.txt")
 
 
+def test_outputs_may_be_png_jpeg_or_webp_and_nothing_else(tmp_path: Path, images: Path) -> None:
+    names = ["a.png", "b.jpg", "c.JPEG", "d.webp", "e.gif", "f.tiff", "g"]
+    manifest = _write_jsonl(
+        tmp_path / "manifest.jsonl", [{"src": "images/red.png", "query": "q", "method": "sds", "out": name}
+                                      for name in names]
+    )  # fmt: skip
+    loaded = load_manifest(manifest)
+    assert [row.out for row in loaded.rows] == names[:4]
+    assert [(error.line, error.reason) for error in loaded.errors] == [
+        (line, f"out must end in .png, .jpg, .jpeg or .webp (the format it is written in): {name!r}")
+        for line, name in ((5, "e.gif"), (6, "f.tiff"), (7, "g"))
+    ]
+
+
 def test_csv_header_problems_are_reported_on_line_1(tmp_path: Path) -> None:
     manifest = _write_csv(tmp_path / "m.csv", "source,ref,ref", "a.png,b,c")
     errors = load_manifest(manifest).errors
@@ -265,6 +279,22 @@ def test_resume_reruns_only_the_missing_output(tmp_path: Path, images: Path, tin
     assert replaced.exit_code == 0, replaced.stderr
     assert all(read_metadata(path)["guidance"] == "3.0" for path in outputs)
     assert [p.name for p in out_dir.iterdir() if p.suffix == ".tmp"] == []
+
+
+def test_jpeg_and_webp_outputs_are_written_and_recognised_when_resuming(
+    tmp_path: Path, images: Path, tiny_model_dir
+) -> None:
+    rows = _rows(3)
+    rows[0]["out"], rows[1]["out"] = "edit0.jpg", "edit1.webp"
+    manifest = _write_jsonl(tmp_path / "manifest.jsonl", rows)
+    out_dir = tmp_path / "out"
+    first = _batch(manifest, out_dir, tiny_model_dir, "--quiet")
+    assert first.exit_code == 0, first.stderr
+    for name in ("edit0.jpg", "edit1.webp", "edit2.png"):
+        assert read_metadata(out_dir / name)["method"] == "dds", name  # the parameters, read back
+    again = _batch(manifest, out_dir, tiny_model_dir, "--quiet")
+    assert again.exit_code == 0, again.stderr
+    assert [r["status"] for r in _last_run(out_dir)] == ["skipped", "skipped", "skipped"]
 
 
 def test_a_failed_row_is_recorded_and_the_others_run(tmp_path: Path, images: Path, tiny_model_dir) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from ddsedit.checks import check_prediction_type, check_prompts, prompt_problems
 from ddsedit.errors import InputError
+from ddsedit.formats import OUTPUT_SUFFIXES, has_output_suffix, output_suffixes_text
 from ddsedit.names import METHODS, PREDICTION_TYPES
 
 
@@ -44,3 +45,9 @@ def test_prediction_type_check() -> None:
         check_prediction_type(value)
     with pytest.raises(InputError, match="--prediction-type must be epsilon or v_prediction, got 'sample'"):
         check_prediction_type("sample")
+
+
+def test_output_suffixes() -> None:
+    assert all(has_output_suffix(f"out{suffix.upper()}") for suffix in OUTPUT_SUFFIXES)
+    assert not any(has_output_suffix(name) for name in ("out.gif", "out", ".png", "png"))
+    assert output_suffixes_text() == ".png, .jpg, .jpeg or .webp"

@@ -2,7 +2,9 @@
 
 Each row names ``src``, ``query`` and optionally ``ref``, ``method``, ``mask``, ``seed``,
 ``steps``, ``guidance``, ``lr`` and ``out``; paths are relative to the manifest's folder,
-absent columns take the command-line defaults. :func:`load_manifest` returns the valid rows
+absent columns take the command-line defaults; ``out`` is a file name ending in one of
+:data:`ddsedit.formats.OUTPUT_SUFFIXES`, whose format it is written in (default:
+``<src stem>.<method>.png``). :func:`load_manifest` returns the valid rows
 and, per bad line, why it is bad (missing or unreadable files, unknown methods, empty
 prompts, bad numbers, duplicate output names), so a batch can refuse to start.
 """
@@ -23,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ddsedit.checks import prompt_problems
 from ddsedit.errors import InputError
+from ddsedit.formats import has_output_suffix, output_suffixes_text
 from ddsedit.names import MASKED_METHOD, METHODS
 
 COLUMNS = ("src", "ref", "query", "method", "mask", "seed", "steps", "guidance", "lr", "out")
@@ -227,8 +230,8 @@ def _check_row(line: int, values: dict[str, Any], base: Path) -> tuple[ManifestR
         if "/" in out or "\\" in out or out in (".", ".."):
             reasons.append(f"out must be a file name, not a path: {out!r}")
             out = None
-        elif not out.lower().endswith(".png"):
-            reasons.append(f"out must end in .png: {out!r}")
+        elif not has_output_suffix(out):
+            reasons.append(f"out must end in {output_suffixes_text()} (the format it is written in): {out!r}")
             out = None
     elif text["src"] and method in METHODS:
         out = f"{Path(text['src']).stem}.{method}.png"
