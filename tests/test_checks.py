@@ -21,7 +21,7 @@ def test_the_editing_code_uses_the_shared_names() -> None:
 
 def test_checking_input_does_not_import_torch() -> None:
     code = (
-        "import sys; import ddsedit.manifest, ddsedit.checks, ddsedit.names, ddsedit.formats; "
+        "import sys; import ddsedit.batch, ddsedit.manifest, ddsedit.checks, ddsedit.names, ddsedit.formats; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
