@@ -59,3 +59,11 @@ def circle_files(tmp_path: Path, circle_image: Image.Image) -> dict[str, Path]:
     mask_path = tmp_path / "mask.png"
     mask.save(mask_path)
     return {"src": source, "mask": mask_path}
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    """``tmp_path/images``: four circles, a mask, an all-black mask and a truncated PNG (the batch tests' inputs)."""
+    from batch_support import make_images
+
+    return make_images(tmp_path / "images")

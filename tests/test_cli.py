@@ -331,7 +331,7 @@ def test_output_names_a_folder_or_a_known_format(circle_files, tiny_model_dir, t
     assert result.stdout.strip() == str(folder / "circle.dds.png") and (folder / "circle.dds.png").is_file()
     for name in ("o.gif", "o"):
         refused = _edit("dds", circle_files, tiny_model_dir, "-o", str(tmp_path / name))
-        _assert_one_line_error(refused, 2, "name a .png, .jpg, .jpeg, .webp file")
+        _assert_one_line_error(refused, 2, "must end in .png, .jpg, .jpeg or .webp")
         assert not (tmp_path / name).exists()
 
 

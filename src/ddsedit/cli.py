@@ -247,14 +247,11 @@ def _run_edit(
 ) -> None:  # fmt: skip
     # Every cheap check first (prompts, numbers, files, output names), before torch is imported.
     from ddsedit import imageio
-    from ddsedit.names import PREDICTION_TYPES, check_prompt
+    from ddsedit.checks import check_prediction_type, check_prompts
     from ddsedit.settings import EditConfig
 
-    check_prompt(query, "--query")
-    if method != "sds":
-        check_prompt(ref, "--ref", "describe what the source image shows")
-    if prediction_type not in (None, *PREDICTION_TYPES):
-        raise InputError(f"--prediction-type must be epsilon or v_prediction, got {prediction_type!r}")
+    check_prompts(method, query, ref)
+    check_prediction_type(prediction_type)
     if save_every is not None and frames is None and animation is None:
         raise InputError("--save-every needs --frames DIR or --animation FILE.gif")
     if method != "sds" and ref.strip() == query.strip() and not quiet:
@@ -609,8 +606,10 @@ def batch_command(
     --steps, --guidance and --lr apply to the rows that do not set their own.
 
     stdout: the output path of every row done or already done. Exit codes: 0 all rows done,
-    1 some row failed (each recorded in OUT_DIR/results.jsonl), 2 bad input (each bad row
-    printed as MANIFEST:LINE: reason; nothing runs unless --skip-invalid), 130 interrupted.
+    1 some row failed, or was bad and not run under --skip-invalid (each recorded in
+    OUT_DIR/results.jsonl), 2 bad input (each bad row printed as MANIFEST:LINE: reason;
+    nothing runs unless --skip-invalid, which runs the others and marks these "not run: invalid"),
+    130 interrupted.
     """
     try:
         from ddsedit.batch import BatchOptions, run_batch  # quiets the libraries once the manifest is checked

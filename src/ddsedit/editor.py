@@ -23,9 +23,10 @@ import torch
 from PIL import Image
 
 from ddsedit import __version__, imageio
+from ddsedit.checks import check_prompts
 from ddsedit.errors import DDSEditError, InputError
 from ddsedit.loading import ModelComponents, load_model, resolve_device
-from ddsedit.names import check_prompt
+from ddsedit.names import METHODS_WITH_REF
 from ddsedit.optimize import METHODS, LoopSettings, PromptEmbeddings, distill
 from ddsedit.settings import EditConfig
 
@@ -377,8 +378,9 @@ class Editor:
 
     def _prepare(self, request: EditRequest, method: str, config: EditConfig) -> _Prepared:
         """Check one request and load its image and mask."""
-        query = check_prompt(request.query, "--query")
-        ref = check_prompt(request.ref or "", "--ref") if method != "sds" else ""
+        check_prompts(method, request.query, request.ref or "")
+        query = request.query
+        ref = (request.ref or "") if method in METHODS_WITH_REF else ""
         source = _load_rgb(request.image)
         binary_mask = None
         if method == "masked-dds":

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageChops, ImageFilter, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from ddsedit.errors import InputError
-from ddsedit.formats import OUTPUT_SUFFIXES
+from ddsedit.formats import has_output_suffix, output_suffixes_text
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, so that checking files does not load it
     import torch
@@ -283,9 +283,8 @@ _UNICODE_PREFIX = b"UNICODE\x00"  # EXIF's marker for a UTF-16 UserComment
 def check_output_suffix(path: str | Path, flag: str = "output") -> Path:
     """``path`` if its extension names a format ddsedit writes (PNG, JPEG, WebP), else a one-line InputError."""
     path = Path(path)
-    if path.suffix.lower() not in OUTPUT_SUFFIXES:
-        named = f"'{path.suffix}'" if path.suffix else "no extension"
-        raise InputError(f"{flag} {path} has {named}: name a {', '.join(OUTPUT_SUFFIXES)} file")
+    if not has_output_suffix(path):
+        raise InputError(f"{flag} must end in {output_suffixes_text()} (the format it is written in): {path}")
     return path
 
 
@@ -426,7 +425,7 @@ def _fsync_dir(directory: Path) -> None:
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The text an image carries: PNG text chunks as a dict; for JPEG and WebP, what :func:`save_image` wrote
-    (``ddsedit``: the JSON, ``parameters``: the web-UI text). {} when there is none."""
+    (``ddsedit``: the JSON, each of its parameters, ``parameters``: the web-UI text). {} when there is none."""
     with _open_image(Path(path), "image") as image:
         found = {str(key): str(value) for key, value in getattr(image, "text", {}).items()}
         if image.format in ("JPEG", "WEBP"):
@@ -434,6 +433,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
             description = exif.get(_IMAGE_DESCRIPTION)
             if isinstance(description, str) and description:
                 found["ddsedit"] = description
+                # Each parameter under its own key too, as PNG's text chunks give them.
+                with contextlib.suppress(ValueError, AttributeError):
+                    found.update({str(key): str(value) for key, value in json.loads(description).items()})
             comment = exif.get_ifd(_EXIF_IFD).get(_USER_COMMENT)
             if isinstance(comment, bytes) and comment.startswith(_UNICODE_PREFIX):
                 found["parameters"] = comment[len(_UNICODE_PREFIX) :].decode("utf-16-be", errors="replace")

@@ -20,7 +20,7 @@ from typing import Any
 
 from ddsedit.errors import InputError, ModelError
 from ddsedit.formats import PICKLE_SUFFIXES
-from ddsedit.names import PREDICTION_TYPES
+from ddsedit.names import DEFAULT_PREDICTION_TYPE, PREDICTION_TYPES
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 MODEL_ENVIRONMENT_VARIABLE = "DDSEDIT_MODEL"
@@ -292,7 +292,7 @@ def load_model(
         parts = load_single_file(path, torch_dtype, allow_pickle=allow_pickle, prediction_type=prediction_type)
         defaults = {}
     scheduler_config = parts["scheduler"].config
-    chosen_prediction_type = prediction_type or scheduler_config.get("prediction_type", "epsilon")
+    chosen_prediction_type = prediction_type or scheduler_config.get("prediction_type", DEFAULT_PREDICTION_TYPE)
     if chosen_prediction_type not in PREDICTION_TYPES:
         raise ModelError(f"unsupported prediction type {chosen_prediction_type!r} in the model's scheduler")
     import torch

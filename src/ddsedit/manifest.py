@@ -2,7 +2,9 @@
 
 Each row names ``src``, ``query`` and optionally ``ref``, ``method``, ``mask``, ``seed``,
 ``steps``, ``guidance``, ``lr`` and ``out``; paths are relative to the manifest's folder,
-absent columns take the command-line defaults. :func:`load_manifest` returns the valid rows
+absent columns take the command-line defaults; ``out`` is a file name ending in one of
+:data:`ddsedit.formats.OUTPUT_SUFFIXES`, whose format it is written in (default:
+``<src stem>.<method>.png``). :func:`load_manifest` returns the valid rows
 and, per bad line, why it is bad (missing or unreadable files, unknown methods, empty
 prompts, bad numbers, duplicate output names), so a batch can refuse to start.
 """
@@ -21,10 +23,11 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from ddsedit.checks import prompt_problems
 from ddsedit.errors import InputError
+from ddsedit.formats import has_output_suffix, output_suffixes_text
+from ddsedit.names import MASKED_METHOD, METHODS
 
-# Same as ddsedit.optimize.METHODS; repeated so that checking a manifest does not import torch.
-METHODS = ("sds", "dds", "masked-dds")
 COLUMNS = ("src", "ref", "query", "method", "mask", "seed", "steps", "guidance", "lr", "out")
 REQUIRED_COLUMNS = ("src", "query")
 DEFAULT_METHOD = "dds"
@@ -37,6 +40,7 @@ class RowError:
 
     line: int
     reason: str
+    src: str = ""  # the row's src as written, when the line could be read as a row
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,8 @@ def _read_jsonl(lines: Iterator[str]) -> tuple[list[tuple[int, dict[str, Any]]],
             continue
         unknown = sorted(set(value) - set(COLUMNS))
         if unknown:
-            errors.append(RowError(number, f"unknown column(s) {', '.join(unknown)}: use {', '.join(COLUMNS)}"))
+            reason = f"unknown column(s) {', '.join(unknown)}: use {', '.join(COLUMNS)}"
+            errors.append(RowError(number, reason, _written_src(value)))
             continue
         rows.append((number, {key: item for key, item in value.items() if item is not None}))
     return rows, errors
@@ -158,7 +163,8 @@ def _read_csv(handle: Iterator[str]) -> tuple[list[tuple[int, dict[str, Any]]], 
         if not any(cell.strip() for cell in cells):
             continue
         if len(cells) > len(names):
-            errors.append(RowError(start, f"{len(cells)} cells but the header has {len(names)} columns"))
+            written = _written_src(dict(zip(names, cells, strict=False)))
+            errors.append(RowError(start, f"{len(cells)} cells but the header has {len(names)} columns", written))
             continue
         rows.append((start, {name: cell for name, cell in zip(names, cells, strict=False) if cell.strip()}))
     return rows, errors
@@ -184,7 +190,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
             else:
                 first_line_of_output[key] = line
         if reasons:
-            errors.extend(RowError(line, reason) for reason in reasons)
+            errors.extend(RowError(line, reason, _written_src(values)) for reason in reasons)
         elif row is not None:
             rows.append(row)
     return Manifest(path=path, rows=rows, errors=errors)
@@ -197,10 +203,7 @@ def _check_row(line: int, values: dict[str, Any], base: Path) -> tuple[ManifestR
     method = (text["method"] or DEFAULT_METHOD).lower()
     if method not in METHODS:
         reasons.append(f"unknown method {text['method']!r}: use {', '.join(METHODS)}")
-    if not text["query"]:
-        reasons.append("query must not be empty")
-    if method in ("dds", "masked-dds") and not text["ref"]:
-        reasons.append(f"ref must not be empty: {method} needs what the source shows")
+    reasons.extend(prompt_problems(method, text["query"], text["ref"]))
 
     src = image_size = None
     if not text["src"]:
@@ -209,10 +212,10 @@ def _check_row(line: int, values: dict[str, Any], base: Path) -> tuple[ManifestR
         src = _resolve(text["src"], base)
         image_size = _image_size(src, "src", reasons)
     mask = None
-    if method == "masked-dds" and not text["mask"]:
-        reasons.append("masked-dds needs a mask (white = editable)")
-    elif text["mask"] and method != "masked-dds":
-        reasons.append(f"mask is only used by masked-dds, not {method}")
+    if method == MASKED_METHOD and not text["mask"]:
+        reasons.append(f"{MASKED_METHOD} needs a mask (white = editable)")
+    elif text["mask"] and method != MASKED_METHOD:
+        reasons.append(f"mask is only used by {MASKED_METHOD}, not {method}")
     elif text["mask"]:
         mask = _resolve(text["mask"], base)
         _image_size(mask, "mask", reasons)
@@ -227,8 +230,8 @@ def _check_row(line: int, values: dict[str, Any], base: Path) -> tuple[ManifestR
         if "/" in out or "\\" in out or out in (".", ".."):
             reasons.append(f"out must be a file name, not a path: {out!r}")
             out = None
-        elif not out.lower().endswith(".png"):
-            reasons.append(f"out must end in .png: {out!r}")
+        elif not has_output_suffix(out):
+            reasons.append(f"out must end in {output_suffixes_text()} (the format it is written in): {out!r}")
             out = None
     elif text["src"] and method in METHODS:
         out = f"{Path(text['src']).stem}.{method}.png"
@@ -241,6 +244,12 @@ def _check_row(line: int, values: dict[str, Any], base: Path) -> tuple[ManifestR
         seed=seed, steps=steps, guidance=guidance, lr=lr, image_size=image_size, identity=identity,
     )  # fmt: skip
     return row, reasons, out
+
+
+def _written_src(values: dict[str, Any]) -> str:
+    """A row's src as written (for the record of a bad row); empty when absent or not text."""
+    src = values.get("src")
+    return src if isinstance(src, str) else ""
 
 
 def _text(values: dict[str, Any], name: str, reasons: list[str]) -> str | None:

@@ -1,15 +1,13 @@
-"""Names every part of ddsedit agrees on, and the prompt check; torch-free, so the CLI and manifests use them."""
+"""Names that several modules check against, defined once and without importing torch.
+
+Reading a manifest or checking a flag must not import torch, so the editing code
+(:mod:`ddsedit.optimize`, :mod:`ddsedit.scores`) imports these rather than defining them.
+"""
 
 from __future__ import annotations
 
-from ddsedit.errors import InputError
-
 METHODS = ("sds", "dds", "masked-dds")
+METHODS_WITH_REF = ("dds", "masked-dds")  # the methods that compare against a description of the source
+MASKED_METHOD = "masked-dds"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-
-def check_prompt(prompt: object, flag: str, hint: str | None = None) -> str:
-    """``prompt`` if it is a non-blank string, else a one-line InputError naming ``flag`` (and ``hint``)."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InputError(f"{flag} must not be empty" + (f": {hint}" if hint else ""))
-    return prompt
+DEFAULT_PREDICTION_TYPE = "epsilon"  # what a scheduler config without ``prediction_type`` means (diffusers' default)

@@ -14,9 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ddsedit import scores
-from ddsedit.names import METHODS
-
-__all__ = ["METHODS", "LoopSettings", "PromptEmbeddings", "distill", "distillation_gradient", "draw_step"]
+from ddsedit.names import METHODS as METHODS  # defined there, torch-free; the editor imports it from here
 
 StepCallback = Callable[[int, torch.Tensor], None]
 NonfiniteCallback = Callable[[int], None]

@@ -20,6 +20,7 @@ REFERENCE_LATENT_PIXELS = 64 * 64
 LOSS_SCALE = 2000.0
 GRADIENT_SCALE = LOSS_SCALE / REFERENCE_LATENT_PIXELS
 
+
 def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape a per-sample vector [B] so it broadcasts over a [B, C, H, W] tensor."""
     return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)

@@ -1,0 +1,72 @@
+"""What ``ddsedit batch`` was given, and how to repeat it for launched processes."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ddsedit.checks import check_prediction_type
+from ddsedit.errors import InputError
+
+
+@dataclass
+class BatchOptions:
+    """Everything ``ddsedit batch`` was given; the edit settings are defaults for the rows."""
+
+    manifest: Path
+    out_dir: Path
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    steps: int | None = None
+    guidance: float | None = None
+    lr: float | None = None
+    t_min: int | None = None
+    t_max: int | None = None
+    seed: int | None = None
+    negative: str | None = None
+    size: int | None = None
+    batch_size: int = 1
+    processes: int = 1
+    skip_invalid: bool = False
+    overwrite: bool = False
+    allow_pickle: bool = False
+    prediction_type: str | None = None
+    cuda_graph: bool = False
+    quiet: bool = False
+    verbose: bool = False
+
+    def overrides(self) -> dict[str, Any]:
+        """The edit settings that were given (``None``: not given)."""
+        return dict(
+            steps=self.steps, guidance=self.guidance, lr=self.lr, t_min=self.t_min, t_max=self.t_max,
+            seed=self.seed, negative=self.negative, size=self.size,
+        )  # fmt: skip
+
+    def child_arguments(self) -> list[str]:
+        """The ``ddsedit batch ...`` arguments that repeat these options, minus ``--processes``."""
+        arguments = ["batch", str(self.manifest), "--out-dir", str(self.out_dir)]  # the processes share our cwd
+        arguments += ["--device", self.device, "--dtype", self.dtype, "--batch-size", str(self.batch_size)]
+        valued = {"--model": self.model, "--prediction-type": self.prediction_type, **{
+            f"--{name.replace('_', '-')}": value for name, value in self.overrides().items()
+        }}  # fmt: skip
+        for flag, value in valued.items():
+            if value is not None:
+                arguments += [flag, str(value)]
+        switches = {
+            "--skip-invalid": self.skip_invalid, "--overwrite": self.overwrite, "--allow-pickle": self.allow_pickle,
+            "--cuda-graph": self.cuda_graph, "--quiet": self.quiet, "--verbose": self.verbose,
+        }  # fmt: skip
+        return arguments + [flag for flag, on in switches.items() if on]
+
+    def validate(self) -> None:
+        """Raise InputError for options that cannot work, before the manifest is read."""
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.processes < 1:
+            raise InputError(f"--processes must be at least 1, got {self.processes}")
+        if self.processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise InputError("--processes cannot be used under accelerate launch: use one or the other")
+        check_prediction_type(self.prediction_type)
