@@ -50,15 +50,16 @@ def test_report_runs_end_to_end_on_the_tiny_model(tiny_model_dir) -> None:
 
     editor = Editor.from_pretrained(tiny_model_dir, device="cpu")
     report, picture = evaluate.evaluate(editor, count=2, seed=0, config=editor.config(steps=2, size=64), swaps=1)
-    assert set(report.methods) == {"sds", "dds", "masked-dds"}
+    assert set(report.methods) == {"sds", "dds", "masked-dds", "cds", "pds", "ids"}  # every method, same cases
     assert report.methods["masked-dds"]["outside_mask_max_change"] <= 1
     assert set(report.swaps) == {"background", "shape"}
-    assert picture.size == (5 * 128, evaluate.GRID_LABEL_HEIGHT + 2 * 128)  # a header row names the columns
+    # source, target, then a column per method; a header row names the columns
+    assert picture.size == (8 * 128, evaluate.GRID_LABEL_HEIGHT + 2 * 128)
     assert "| dds |" in evaluate.format_report(report)
     assert {"iou_median_white", "iou_median_black", "background_change"} <= set(report.held)
     assert "DDS started at the right answer" in evaluate.format_report(report)
     # every figure has an interval around it, and every case's scores are kept for compare
-    assert set(report.intervals) == {"sds", "dds", "masked-dds", "held"}
+    assert set(report.intervals) == {"sds", "dds", "masked-dds", "cds", "pds", "ids", "held"}
     for run, figures in [*report.methods.items(), ("held", report.held)]:
         for name, (low, high) in report.intervals[run].items():
             assert low <= figures[name] <= high, (run, name)
