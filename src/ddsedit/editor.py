@@ -28,7 +28,7 @@ from ddsedit.errors import DDSEditError, InputError
 from ddsedit.loading import ModelComponents, load_model, resolve_device
 from ddsedit.names import MASK_OPTIONAL_METHODS, MASKED_METHOD, METHODS_WITH_REF
 from ddsedit.optimize import GRAPHABLE_METHODS, METHODS, LoopSettings, MethodOptions, PromptEmbeddings, distill
-from ddsedit.settings import EditConfig, resolve_config
+from ddsedit.settings import METHOD_FIELDS, EditConfig, resolve_config
 
 __all__ = ["EditConfig", "EditRequest", "EditResult", "Editor", "edit_parameters", "save_result", "webui_parameters"]
 
@@ -74,6 +74,10 @@ def webui_parameters(parameters: dict[str, Any], size: tuple[int, int]) -> str:
     if parameters.get("ref"):
         fields["Ref prompt"] = parameters["ref"]
     fields.update({"Learning rate": parameters["lr"], "Timesteps": f"{parameters['t_min']}-{parameters['t_max'] - 1}"})
+    method_fields = METHOD_FIELDS.get(parameters["method"], ())
+    fields.update(
+        {name.replace("_", " ").capitalize(): parameters[name] for name in method_fields if name in parameters}
+    )
     if "feather" in parameters:
         fields.update({"Paste back": parameters["paste_back"], "Feather": parameters["feather"]})
     fields["Version"] = f"ddsedit {parameters.get('ddsedit_version', __version__)}"
