@@ -78,7 +78,7 @@ def feature_grid(positions: int, latent_height: int, latent_width: int) -> tuple
     ``ceil(h / f) x ceil(w / f)`` for the level's factor ``f``, a power of two.
     """
     factor = 1
-    while factor <= max(latent_height, latent_width):
+    while factor < 2 * max(latent_height, latent_width):  # up to the first factor whose map is 1x1
         height, width = math.ceil(latent_height / factor), math.ceil(latent_width / factor)
         if height * width == positions:
             return height, width
