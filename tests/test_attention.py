@@ -163,7 +163,7 @@ def test_cds_on_a_unet_without_decoder_attention_fails_with_one_line(
 
     for method, extra in (("cds", ()), ("ids", ("--cut-weight", "1"))):
         result = edit(method, *extra)
-        assert result.exit_code == 1, (result.stdout, result.stderr)
+        assert result.exit_code == 2, (result.stdout, result.stderr)  # the model named cannot do this: exit 2
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and NO_DECODER_ATTENTION in lines[0] and "Traceback" not in result.stderr, lines
         assert result.stdout == "" and not (tmp_path / f"{method}.png").exists()

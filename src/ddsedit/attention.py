@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ddsedit.errors import DDSEditError
+from ddsedit.errors import DDSEditError, ModelError
 
 
 class _RecordingProcessor:
@@ -45,13 +45,13 @@ class SelfAttentionRecorder:
     """A context manager: while open, ``outputs[name]`` holds each up-block self-attention layer's last output.
 
     Raises:
-        DDSEditError: the UNet has no self-attention layer in its up blocks (CDS has nothing to compare).
+        ModelError: the UNet has no self-attention layer in its up blocks (CDS has nothing to compare).
     """
 
     def __init__(self, unet: torch.nn.Module) -> None:
         self.layers = up_block_self_attention(unet)
         if not self.layers:
-            raise DDSEditError(
+            raise ModelError(
                 "this model's UNet has no self-attention layer (attn1) in its up blocks: "
                 "the contrastive term of cds/ids needs one"
             )

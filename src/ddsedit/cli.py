@@ -312,7 +312,7 @@ def _run_edit(
         size=size, feather=feather, keep_working_size=keep_working_size, paste_back=paste_back,
         save_every=save_every, **_method_overrides(method_options),
     )  # fmt: skip
-    resolve_config(method, {}, overrides).validate()  # the flags, before the slow model load
+    resolve_config(method, {}, overrides).validate_for(method)  # the flags, before the slow model load
 
     imageio.load_image(src)
     if method == MASKED_METHOD and mask is None:

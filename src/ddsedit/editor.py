@@ -319,7 +319,7 @@ class Editor:
         if not requests:
             return []
         config = config or self.config(method)
-        config.validate(self.components.num_train_timesteps)
+        config.validate_for(method, self.components.num_train_timesteps)
         prepared = [self._prepare(request, method, config) for request in requests]
         working = prepared[0].working_size
         if any(item.working_size != working for item in prepared):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ddsedit import scores
 from ddsedit.attention import SelfAttentionRecorder, feature_grid
+from ddsedit.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,12 @@ def contrastive_gradient(
                 source_map = _feature_map(source_features[name][image], height, width)
                 target_map = _feature_map(recorder.outputs[name][image].float(), height, width)
                 loss = loss + _patch_loss(source_map, target_map, generator, options)
+        if not loss.requires_grad:  # every patch size was larger than every feature map
+            largest = max(min(feature_grid(len(features[0]), height, width)) for features in source_features.values())
+            raise InputError(
+                f"--cut-patch-sizes {','.join(map(str, options.cut_patch_sizes))}: no size fits this model's "
+                f"attention maps at this image size (the largest is {largest} positions on its short side)"
+            )
         (gradient,) = torch.autograd.grad(loss, variable)
     return gradient
 

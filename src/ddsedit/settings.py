@@ -106,6 +106,18 @@ class EditConfig:
             raise InputError(f"unknown edit setting(s): {', '.join(sorted(unknown))}")
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
+    def validate_for(self, method: str, num_train_timesteps: int = 1000) -> None:
+        """:meth:`validate`, plus the checks that depend on the method (PDS's grid must meet the t range)."""
+        self.validate(num_train_timesteps)
+        if method == "pds":
+            spacing = num_train_timesteps // self.pds_grid
+            points = range(spacing, num_train_timesteps, spacing)
+            if not any(self.t_min <= t < self.t_max for t in points):
+                raise InputError(
+                    f"--pds-grid {self.pds_grid} puts no grid step in [--t-min, --t-max) = [{self.t_min}, "
+                    f"{self.t_max}) (its steps are {spacing} apart): use a finer grid or a wider range"
+                )
+
     def method_fields(self, method: str) -> dict[str, Any]:
         """The settings of ``method`` beyond DDS's, by field name (what its output records)."""
         names = METHOD_FIELDS.get(method, ())

@@ -77,12 +77,12 @@ def resolve_defaults(options: BatchOptions) -> tuple[dict[str, EditConfig], Expe
 
     overrides = options.overrides()
     for method in METHODS:
-        resolve_config(method, {}, overrides).validate()  # the flags, with their names in the message
+        resolve_config(method, {}, overrides).validate_for(method)  # the flags, with their names in the message
     kind, path = locate_model(options.model, allow_pickle=options.allow_pickle)
     model_defaults = read_defaults(path) if kind == "folder" else {}
     defaults = {method: resolve_config(method, model_defaults, overrides) for method in METHODS}
-    for config in defaults.values():
-        config.validate()
+    for method, config in defaults.items():
+        config.validate_for(method)
     expected = ExpectedModel(
         identity=model_identity(options.model, kind, path),
         prediction_type=expected_prediction_type(kind, path, options.prediction_type),
