@@ -21,7 +21,7 @@ from ddsedit.names import METHODS
 
 app = typer.Typer(
     name="ddsedit",
-    help="Edit images with text through score distillation (SDS, DDS, masked DDS) on Stable Diffusion.",
+    help="Edit images with text through score distillation (SDS, DDS, masked DDS, CDS, PDS, IDS) on Stable Diffusion.",
     no_args_is_help=True,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},

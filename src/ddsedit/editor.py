@@ -1,4 +1,4 @@
-"""The Python API: load a model once, then edit images with SDS, DDS or masked DDS.
+"""The Python API: load a model once, then edit images with SDS, DDS, masked DDS, CDS, PDS or IDS.
 
     from ddsedit import Editor
     editor = Editor.from_pretrained("shapes")
@@ -117,7 +117,7 @@ def edit_parameters(
 
 @dataclass
 class EditRequest:
-    """One image to edit in a batch: its prompts, its mask (masked-dds) and optionally its own seed.
+    """One image to edit in a batch: its prompts, its mask (masked-dds; optional for cds, pds, ids), its own seed.
 
     ``start`` (optional) is the image the optimisation starts from instead of ``image``, e.g. an
     earlier result to continue; ``image`` stays the source that DDS compares against.
@@ -290,9 +290,9 @@ class Editor:
     ) -> EditResult:
         """Edit one image and return the result with its parameters (and frames if asked).
 
-        ``method`` is ``sds``, ``dds`` or ``masked-dds``; ``ref`` describes the source image
-        (needed by the DDS methods), ``query`` the wanted result; ``mask`` (white = editable)
-        is needed by ``masked-dds``. ``on_progress(step, steps)`` is called after each step.
+        ``method`` is one of ``sds``, ``dds``, ``masked-dds``, ``cds``, ``pds``, ``ids``; ``ref``
+        describes the source image (needed by all but sds), ``query`` the wanted result; ``mask``
+        (white = editable) is needed by ``masked-dds`` and optional for cds, pds and ids. ``on_progress(step, steps)`` is called after each step.
         ``start`` (same size as ``image``) starts the optimisation from another image, e.g. an
         earlier result to continue, while ``image`` stays the source DDS compares against.
         """

@@ -1,4 +1,4 @@
-"""The shapes eval: render fresh cases, edit them with SDS, DDS and masked DDS, measure.
+"""The shapes eval: render fresh cases, edit them with every method (SDS, DDS, masked DDS, CDS, PDS, IDS), measure.
 
 Each case is a source image from the world and an edit whose right answer is known (the
 same case rendered with the query's colour), so success can be measured, not eyeballed:
