@@ -292,7 +292,8 @@ class Editor:
 
         ``method`` is one of ``sds``, ``dds``, ``masked-dds``, ``cds``, ``pds``, ``ids``; ``ref``
         describes the source image (needed by all but sds), ``query`` the wanted result; ``mask``
-        (white = editable) is needed by ``masked-dds`` and optional for cds, pds and ids. ``on_progress(step, steps)`` is called after each step.
+        (white = editable) is needed by ``masked-dds`` and optional for cds, pds and ids.
+        ``on_progress(step, steps)`` is called after each step.
         ``start`` (same size as ``image``) starts the optimisation from another image, e.g. an
         earlier result to continue, while ``image`` stays the source DDS compares against.
         """
