@@ -49,8 +49,10 @@ def test_report_runs_end_to_end_on_the_tiny_model(tiny_model_dir) -> None:
     from ddsedit.editor import Editor
 
     editor = Editor.from_pretrained(tiny_model_dir, device="cpu")
-    report, picture = evaluate.evaluate(editor, count=2, seed=0, config=editor.config(steps=2, size=64), swaps=1)
+    report, picture = evaluate.evaluate(editor, count=2, seed=0, overrides={"steps": 2, "size": 64}, swaps=1)
     assert set(report.methods) == {"sds", "dds", "masked-dds", "cds", "pds", "ids"}  # every method, same cases
+    # Each method ran with its own defaults (ids: no CUT term unless asked), and the report says so.
+    assert report.method_settings["ids"]["cut_weight"] == 0.0 and report.method_settings["cds"]["cut_weight"] == 3.0
     assert report.methods["masked-dds"]["outside_mask_max_change"] <= 1
     assert set(report.swaps) == {"background", "shape"}
     # source, target, then a column per method; a header row names the columns

@@ -483,6 +483,23 @@ def eval_shapes_command(
         int | None,
         typer.Option("--t-max", help="Timesteps are drawn below this [default: the model's].", show_default=False),
     ] = None,
+    cut_weight: Annotated[
+        float | None,
+        typer.Option(
+            "--cut-weight", help="cds and ids: the CUT term's weight [default: cds 3, ids 0].", show_default=False
+        ),
+    ] = None,
+    pds_grid: Annotated[
+        int | None, typer.Option("--pds-grid", help="pds: steps of its DDIM grid [default: 50].", show_default=False)
+    ] = None,
+    identity_steps: Annotated[
+        int | None,
+        typer.Option("--identity-steps", help="ids: corrections per step [default: 3].", show_default=False),
+    ] = None,
+    identity_weight: Annotated[
+        float | None,
+        typer.Option("--identity-weight", help="ids: each correction's step size [default: 1].", show_default=False),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per UNet call.")] = 8,
     hold: Annotated[
         bool, typer.Option("--hold/--no-hold", help="Also run DDS from the right answer: what DDS can reach.")
@@ -523,14 +540,18 @@ def eval_shapes_command(
         from ddsedit.editor import Editor
         from ddsedit.shapes.evaluate import edit_count, evaluate, format_report, write_report
 
+        overrides = dict(
+            steps=steps, guidance=guidance, lr=lr, t_min=t_min, t_max=t_max, cut_weight=cut_weight,
+            pds_grid=pds_grid, identity_steps=identity_steps, identity_weight=identity_weight,
+        )  # fmt: skip
         editor = Editor.from_pretrained(model, device=device, dtype=dtype)
-        config = editor.config(steps=steps, guidance=guidance, lr=lr, t_min=t_min, t_max=t_max)
+        config = editor.config("dds", **overrides)
         config.validate(editor.components.num_train_timesteps)
         total = edit_count(cases, swaps, hold, chosen)
         stderr.print(f"eval-shapes: {total} edits of {config.steps} steps on {editor.device.type}", markup=False)
         with _EvalProgress(total) as on_progress:
-            report, picture = evaluate(editor, cases, seed, config, swaps=swaps, batch_size=batch_size, hold=hold,
-                                       methods=chosen, on_progress=on_progress)  # fmt: skip
+            report, picture = evaluate(editor, cases, seed, overrides, swaps=swaps, batch_size=batch_size,
+                                       hold=hold, methods=chosen, on_progress=on_progress)  # fmt: skip
         json_path, grid_path = write_report(report, picture, out_dir, overwrite=overwrite)
     except typer.Exit:
         raise

@@ -19,6 +19,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -87,7 +88,8 @@ class Report:
     methods: dict[str, dict[str, float]] = field(default_factory=dict)
     swaps: dict[str, dict[str, float]] = field(default_factory=dict)
     held: dict[str, float] = field(default_factory=dict)  # DDS started at the right answer
-    settings: dict[str, object] = field(default_factory=dict)
+    settings: dict[str, object] = field(default_factory=dict)  # the shared settings (DDS's)
+    method_settings: dict[str, dict[str, object]] = field(default_factory=dict)  # each method's own, beyond DDS's
     seed: int = 0  # of the cases: runs with the same seed and count edited the same cases
     # 95% bootstrap interval [low, high] of each figure, per run ("sds", "dds", "masked-dds", "held")
     intervals: dict[str, dict[str, list[float]]] = field(default_factory=dict)
@@ -293,7 +295,7 @@ def evaluate(
     editor: Editor,
     count: int = 40,
     seed: int = 0,
-    config: EditConfig | None = None,
+    overrides: dict[str, Any] | None = None,
     swaps: int = 8,
     batch_size: int = 8,
     grid_rows: int = 12,
@@ -305,18 +307,24 @@ def evaluate(
 
     With ``hold``, DDS also runs from the right answer (the target image) on the same cases: the
     figures it ends at bound what DDS can reach with this model and these settings. ``methods``
-    picks the recolour runs (all three by default; a subset is quicker when screening a model).
+    picks the recolour runs (every method by default; a subset is quicker when screening a model).
+    Each method runs with its own settings, ``editor.config(method, **overrides)``: the model's and the
+    method's defaults under ``overrides`` (e.g. ``{"steps": 50}``); the report records them.
     ``on_progress(label, count)`` follows the edits (:func:`edit_count` of them in all).
     """
     unknown = [method for method in methods if method not in METHODS]
     if unknown or not methods:
         raise ValueError(f"methods must be some of {', '.join(METHODS)}, got {', '.join(methods) or 'none'}")
-    config = config or editor.config()
+    configs = {method: editor.config(method, **(overrides or {})) for method in (*methods, "dds")}
+    for method, method_config in configs.items():
+        method_config.validate_for(method, editor.components.num_train_timesteps)
+    config = configs["dds"]  # the held run and the swaps are DDS's
     cases = recolour_cases(count, seed)
     report = Report(cases=count, seed=seed, settings={k: v for k, v in asdict(config).items() if k != "seed"})
     edited_by_method: dict[str, list[Image.Image]] = {}
     for method in methods:
-        edited, masks = run_edits(editor, cases, method, config, batch_size, on_progress=on_progress)
+        report.method_settings[method] = configs[method].method_fields(method)
+        edited, masks = run_edits(editor, cases, method, configs[method], batch_size, on_progress=on_progress)
         scores = [score_edit(c, image, mask) for c, image, mask in zip(cases, edited, masks, strict=True)]
         report.methods[method] = summarise(cases, scores)
         report.intervals[method] = summarise_intervals(cases, scores)
