@@ -18,6 +18,7 @@ from ddsedit.manifest import ManifestRow
 from ddsedit.names import DEFAULT_PREDICTION_TYPE, METHODS_WITH_REF
 
 if TYPE_CHECKING:
+    from ddsedit.automask import AutoMaskSettings
     from ddsedit.batch.options import BatchOptions
     from ddsedit.editor import EditConfig
 
@@ -92,6 +93,7 @@ class Job:
     row: ManifestRow
     output: Path
     config: EditConfig  # the row's settings over the defaults, with its seed
+    auto_mask: AutoMaskSettings | None = None  # a row whose mask is auto: how it is drawn, with the row's seed
 
     @property
     def seed(self) -> int:
@@ -104,7 +106,7 @@ class Job:
         from ddsedit.editor import edit_parameters
 
         ref = self.row.ref if self.row.method in METHODS_WITH_REF else ""
-        parameters = edit_parameters(self.row.method, ref, self.row.query, self.seed, self.config)
+        parameters = edit_parameters(self.row.method, ref, self.row.query, self.seed, self.config, self.auto_mask)
         parameters["model"] = model.identity
         if model.prediction_type is not None:
             parameters["prediction_type"] = model.prediction_type
@@ -150,8 +152,13 @@ class Job:
         return all(recorded.get(key) == value for key, value in hashes.items())
 
 
-def plan_jobs(rows: list[ManifestRow], defaults: EditConfig, out_dir: Path) -> list[Job]:
+def plan_jobs(
+    rows: list[ManifestRow], defaults: EditConfig, out_dir: Path, mask_settings: AutoMaskSettings | None = None
+) -> list[Job]:
     """Resolve each row's settings and seed: the row's, else ``defaults``' (the flags and the model's).
+
+    A row whose mask is ``auto`` draws it with ``mask_settings`` (default: the defaults of
+    :class:`~ddsedit.automask.AutoMaskSettings`) and its own seed.
 
     A row without a seed takes the default seed (``--seed``); with none, a seed derived from
     the row itself (:meth:`ManifestRow.derived_seed`), so that every run of the same manifest
@@ -163,7 +170,12 @@ def plan_jobs(rows: list[ManifestRow], defaults: EditConfig, out_dir: Path) -> l
         if seed is None:
             seed = row.derived_seed()
         config = defaults.replace(steps=row.steps, guidance=row.guidance, lr=row.lr, seed=seed)
-        jobs.append(Job(row=row, output=out_dir / row.out, config=config))
+        auto_mask = None
+        if row.auto_mask:
+            from ddsedit.automask import AutoMaskSettings
+
+            auto_mask = (mask_settings or AutoMaskSettings()).replace(seed=seed)
+        jobs.append(Job(row=row, output=out_dir / row.out, config=config, auto_mask=auto_mask))
     return jobs
 
 
