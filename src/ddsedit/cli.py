@@ -109,7 +109,7 @@ MaskThresholdOption = Annotated[
 MaskGrowOption = Annotated[
     int | None,
     typer.Option(
-        "--mask-grow", help="Automatic mask: pixels to grow it by, at the source's size [default: 2].",
+        "--mask-grow", help="Automatic mask: pixels to grow it by, at the source's size [default: 0].",
         show_default=False,
     ),
 ]  # fmt: skip

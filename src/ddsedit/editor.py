@@ -401,14 +401,16 @@ class Editor:
         ref = (request.ref or "") if method in METHODS_WITH_REF else ""
         source = _load_rgb(request.image)
         binary_mask = None
-        auto_mask = automask.requested_settings(request.mask) if method == "masked-dds" else None
-        if method == "masked-dds" and auto_mask is None:
+        auto_mask = None  # an automatic mask is drawn below, once the seed and the working size are known
+        if method == "masked-dds":
             if request.mask is None:
                 raise InputError("masked-dds needs a --mask (white = editable)")
+            auto_mask = automask.requested_settings(request.mask)
             mask = request.mask
-            if not isinstance(mask, Image.Image):
+            if auto_mask is None and not isinstance(mask, Image.Image):
                 mask = imageio.load_image(mask, what="mask", background=imageio.BLACK)
-            binary_mask = imageio.binarize_mask(mask, source.size)
+            if auto_mask is None:
+                binary_mask = imageio.binarize_mask(mask, source.size)
         seed = request.seed if request.seed is not None else config.seed
         if seed is None:
             seed = random.SystemRandom().randrange(2**31)

@@ -490,7 +490,9 @@ def format_report(report: Report) -> str:
         )
     if report.masks:
         masks, intervals = report.masks, report.intervals.get(AUTO_MASK_FIGURES, {})
-        settings = ", ".join(f"{key} {value}" for key, value in report.mask_settings.items())
+        settings = ", ".join(
+            f"{key} {value}{' px' if key == 'grow' else ''}" for key, value in report.mask_settings.items()
+        )
         lines.append(
             f"Automatic mask ({settings}): covers the source shape, median "
             f"{_with_interval(masks['coverage_median_white'], intervals.get('coverage_median_white'), True)} white, "
