@@ -15,6 +15,18 @@ def test_the_ideal_edit_scores_perfectly() -> None:
     score = evaluate.score_edit(case, render(case.target)[0])
     assert score.recoloured and score.iou == 1.0
     assert score.background_change == 0.0 and score.dots_kept == score.dots
+    assert score.old_colour_left == 0.0
+
+
+def test_old_colour_left_counts_a_rim_of_the_source_colour() -> None:
+    case = evaluate.recolour_cases(2, seed=3)[0]
+    assert evaluate.score_edit(case, render(case.source)[0]).old_colour_left == 1.0  # nothing recoloured
+    _, shape, _ = render(case.source)
+    rim = shape & ~evaluate.dilate(~shape, 1)  # the shape's outermost pixels
+    with_rim = np.array(render(case.target)[0])
+    with_rim[rim] = evaluate.COLOURS[case.source.colour]
+    left = evaluate.score_edit(case, Image.fromarray(with_rim)).old_colour_left
+    assert left == pytest.approx(rim.sum() / shape.sum()) and 0 < left < 1
 
 
 def test_no_edit_and_a_wiped_image_score_badly() -> None:

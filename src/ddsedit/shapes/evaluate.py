@@ -7,6 +7,8 @@ same case rendered with the query's colour), so success can be measured, not eye
 - background change: mean |edited - source| outside the source shape grown by 3 px (0-255 levels);
 - dots kept: a grey dot whose pixels stay within 40 levels of grey on average;
 - masked DDS: the largest change outside the mask (paste-back keeps it at 0);
+- old colour left: pixels still nearest the source's colour, over the source shape's area (e.g. a rim
+  of the old colour that a paste-back seam keeps);
 - the automatic mask (``masked-dds-auto``: masked DDS with ``--mask auto``): how much of the source shape
   it covers and how much of it lies within MASK_MARGIN px of the shape (medians, per background).
 Background swaps and shape swaps are reported as well, without a target yet. Each figure comes
@@ -84,6 +86,7 @@ class CaseScore:
     outside_mask_change: float | None = None
     background_right: bool | None = None
     shape_right: bool | None = None
+    old_colour_left: float | None = None  # recolours: pixels nearest the source colour / the source shape's area
 
 
 @dataclass
@@ -215,7 +218,20 @@ def score_edit(case: EditCase, edited_image: Image.Image, mask: Image.Image | No
         score.background_right = estimate_background(edited) == target.background
     if target.shape != case.source.shape:
         score.shape_right = fit_shape(edited_shape)[0] == target.shape
+    if target.colour != case.source.colour:
+        score.old_colour_left = _old_colour_left(edited, case, source_shape)
     return score
+
+
+def _old_colour_left(edited: np.ndarray, case: EditCase, source_shape: np.ndarray) -> float:
+    """Pixels nearer the source colour than the query colour, the background and the dots' grey, over the
+    source shape's area: what a recolour left of the old colour (a rim at a paste-back seam, an unedited part)."""
+    palette = np.array(
+        [COLOURS[case.source.colour], COLOURS[case.target.colour], BACKGROUNDS[case.target.background], DOT_GREY],
+        dtype=np.float32,
+    )
+    distances = ((edited[:, :, None, :].astype(np.float32) - palette[None, None]) ** 2).sum(-1)
+    return float((distances.argmin(-1) == 0).sum() / max(1, source_shape.sum()))
 
 
 def _ratio(columns: np.ndarray) -> float:
@@ -245,6 +261,8 @@ def figure_values(
             figures[f"iou_median_{background}"] = (np.array(values), _median)
     figures["background_change"] = (np.array([s.background_change for s in scores]), _mean)
     figures["dots_kept_rate"] = (np.array([[s.dots_kept, s.dots] for s in scores], dtype=np.float64), _ratio)
+    if scores and all(s.old_colour_left is not None for s in scores):  # reports before it was measured lack it
+        figures["old_colour_left"] = (np.array([s.old_colour_left for s in scores], dtype=np.float64), _mean)
     return figures
 
 
@@ -479,6 +497,12 @@ def format_report(report: Report) -> str:
             f"| {_with_interval(figures.get('iou_median_black', nan), intervals.get('iou_median_black'))} "
             f"| {figures['background_change']:.2f} "
             f"| {figures['dots_kept_rate']:.0%} | {'' if outside is None else f'{outside:.0f}'} |"
+        )
+    left = {method: f["old_colour_left"] for method, f in report.methods.items() if "old_colour_left" in f}
+    if left:
+        lines.append(
+            "Old colour left (pixels still nearest the source colour, over the source shape's area; mean): "
+            + ", ".join(f"{method} {value:.1%}" for method, value in left.items())
         )
     if report.held:
         held, intervals = report.held, report.intervals.get("held", {})
