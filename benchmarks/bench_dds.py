@@ -10,7 +10,9 @@ sequence of timesteps and noise:
 - ``reference-batch4``: one call of batch 4 under fp16/bf16 autocast over fp32 weights,
   autograd SGD (as in the DDS paper's code);
 - ``ddsedit``: the product's engine (:func:`ddsedit.optimize.distill`) with the UNet in the
-  chosen dtype, as the CLI runs it.
+  chosen dtype, as the CLI runs it;
+- ``ddsedit-cds``, ``ddsedit-pds``, ``ddsedit-ids``: the same engine running the methods beyond DDS
+  (their step time is reported against ``ddsedit``'s, in the same run).
 Timing does not depend on the weights, so SD architectures use random weights built from
 the packaged configs. The loops are also checked to give the same edit: the first step's
 gradient direction (cosine) and the final latents' relative error against reference-2call.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import sys
@@ -38,7 +41,8 @@ from ddsedit.optimize import LoopSettings, PromptEmbeddings, distill
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "ddsedit" / "model_configs"
 ARCHITECTURES = {"sd15": "sd15", "sd21": "sd2-v", "sd21-base": "sd2"}
-LOOPS = ("reference-2call", "reference-batch4", "ddsedit")
+LOOPS = ("reference-2call", "reference-batch4", "ddsedit", "ddsedit-cds", "ddsedit-pds", "ddsedit-ids")
+DEFAULT_LOOPS = LOOPS[:3]
 
 
 @dataclass
@@ -201,7 +205,7 @@ def engine_loop(unet, source, embeddings, alphas, prediction_type, settings, ste
 
     synchronize(device)
     last[0] = time.perf_counter()
-    one_step = LoopSettings(settings.method, 1, settings.guidance, settings.lr, settings.t_min, settings.t_max)
+    one_step = dataclasses.replace(settings, steps=1)
     first_gradient = None
     # The first step on its own, to read the gradient the engine applies.
     first = distill(unet, source, embeddings, alphas, prediction_type, one_step,
@@ -212,8 +216,7 @@ def engine_loop(unet, source, embeddings, alphas, prediction_type, settings, ste
     last[0] = time.perf_counter()
     latents = distill(
         unet, source, embeddings, alphas, prediction_type,
-        LoopSettings(settings.method, steps, settings.guidance, settings.lr, settings.t_min, settings.t_max),
-        generators, on_step=on_step, cuda_graph=cuda_graph,
+        dataclasses.replace(settings, steps=steps), generators, on_step=on_step, cuda_graph=cuda_graph,
     )  # fmt: skip
     return latents, step_times, first_gradient
 
@@ -262,7 +265,9 @@ def run(args: argparse.Namespace) -> BenchReport:
     half = dtype if dtype != torch.float32 else (torch.bfloat16 if device.type == "cpu" else torch.float16)
     for name in args.loops:
         reset_peak_memory(device)
-        if name == "ddsedit":
+        if name.startswith("ddsedit"):
+            method = name.partition("-")[2] or "dds"
+            loop_settings = dataclasses.replace(settings, method=method)
             engine_unet = copy.deepcopy(unet).to(device=device, dtype=dtype)
             if device.type == "cuda":
                 engine_unet = engine_unet.to(memory_format=torch.channels_last)
@@ -273,12 +278,13 @@ def run(args: argparse.Namespace) -> BenchReport:
                             settings, 2, args.seed)  # fmt: skip
                 report.compile_seconds = time.perf_counter() - start
             embeddings = embeddings_as(embeddings32, dtype)
-            engine_loop(engine_unet, source, embeddings, alphas, prediction_type, settings, args.warmup, args.seed,
-                        cuda_graph=args.cuda_graph)  # fmt: skip
+            cuda_graph = args.cuda_graph and method == "dds"  # the methods with autograd are not recorded
+            engine_loop(engine_unet, source, embeddings, alphas, prediction_type, loop_settings, args.warmup,
+                        args.seed, cuda_graph=cuda_graph)  # fmt: skip
             reset_peak_memory(device)
             latents, step_times, first_gradient = engine_loop(
-                engine_unet, source, embeddings, alphas, prediction_type, settings,
-                args.warmup + args.steps, args.seed, cuda_graph=args.cuda_graph,
+                engine_unet, source, embeddings, alphas, prediction_type, loop_settings,
+                args.warmup + args.steps, args.seed, cuda_graph=cuda_graph,
             )  # fmt: skip
             step_times = step_times[args.warmup :]
             vae_seconds = time_vae(vae, pixels, dtype, device)
@@ -326,6 +332,11 @@ def add_ratios(report: BenchReport) -> None:
             if reference in by_name:
                 speedup = by_name[reference].ms_per_step / by_name["ddsedit"].ms_per_step
                 report.ratios[f"speedup_vs_{reference}"] = speedup
+        for method in ("cds", "pds", "ids"):
+            if f"ddsedit-{method}" in by_name:
+                report.ratios[f"{method}_step_vs_dds"] = (
+                    by_name[f"ddsedit-{method}"].ms_per_step / by_name["ddsedit"].ms_per_step
+                )
     for result in report.loops:
         report.images_per_second[result.name] = report.batch_size / (result.ms_per_step / 1000 * report.edit_steps)
 
@@ -402,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
                         help="torch.compile mode (reduce-overhead adds CUDA graphs)")
     parser.add_argument("--cuda-graph", action="store_true", help="the engine records one step as a CUDA graph")
-    parser.add_argument("--loops", nargs="+", default=list(LOOPS), choices=LOOPS)
+    parser.add_argument("--loops", nargs="+", default=list(DEFAULT_LOOPS), choices=LOOPS,
+                        help="loops to time (default: the two references and ddsedit's DDS)")
     parser.add_argument("--repeats", type=int, default=1, help="whole runs one after another; medians reported")
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
     args = parser.parse_args(argv)

@@ -155,11 +155,12 @@ def test_an_auto_mask_row_is_not_a_file_and_is_checked_like_one(tmp_path, images
     loaded = load_manifest(manifest)
     assert [row.line for row in loaded.rows] == [2] and loaded.rows[0].auto_mask and loaded.rows[0].mask is None
     reasons = {error.line: error.reason for error in loaded.errors}
-    assert "say the same thing" in reasons[3] and "mask is only used by masked-dds" in reasons[4]
+    assert "say the same thing" in reasons[3] and "mask is used by masked-dds" in reasons[4]
     from ddsedit.automask import AutoMaskSettings
     from ddsedit.editor import EditConfig
 
-    (job,) = plan.plan_jobs(loaded.rows, EditConfig(seed=3), tmp_path / "out", AutoMaskSettings(grow=1))
+    defaults = {"masked-dds": EditConfig(seed=3)}
+    (job,) = plan.plan_jobs(loaded.rows, defaults, tmp_path / "out", AutoMaskSettings(grow=1))
     assert job.auto_mask == AutoMaskSettings(grow=1, seed=3)
     assert set(job.file_hashes()) == {"source_sha256"}  # no file named "auto" is read
     expected = job.expected_parameters(plan.ExpectedModel("m", "epsilon"))
@@ -175,3 +176,23 @@ def test_batch_passes_the_mask_flags_to_launched_processes_and_checks_them(tmp_p
     manifest = write_csv(tmp_path / "m.csv", "src,query", "x.png,a cat")
     refused = runner.invoke(app, ["batch", str(manifest), "--out-dir", str(tmp_path / "o"), "--mask-noises", "0"])
     _assert_one_line_error(refused, "--mask-noises must be >= 1")
+
+
+@pytest.mark.parametrize("method", ["pds", "ids"])
+def test_methods_with_an_optional_mask_take_mask_auto_too(method, circle_files, tiny_model_dir, tmp_path) -> None:
+    output, used = tmp_path / "o.png", tmp_path / "drawn-mask.png"
+    result = runner.invoke(app, [method, "--src", str(circle_files["src"]), *PROMPTS, "--model", str(tiny_model_dir),
+                                 *TINY, "--mask", "auto", "--save-mask", str(used), "--seed", "2", "--steps", "2",
+                                 "-o", str(output), "-q"])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    metadata = read_metadata(output)
+    assert metadata["method"] == method and metadata["mask"] == "auto" and metadata["mask_seed"] == "2"
+    outside = _pixels(used)[..., 0] == 0
+    assert outside.any() and np.abs(_pixels(output) - _pixels(circle_files["src"]))[outside].max() <= 1
+
+
+def test_eval_shapes_knows_the_evals_runs_without_importing_it() -> None:
+    from ddsedit.cli import EVAL_RUNS
+    from ddsedit.shapes.evaluate import RUNS
+
+    assert EVAL_RUNS == RUNS

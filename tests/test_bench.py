@@ -58,3 +58,16 @@ def test_repeats_report_the_median_run_and_every_runs_ratio(tmp_path, capsys) ->
     assert report["repeats"] == 3
     runs = report["ratio_runs"]["speedup_vs_reference-2call"]
     assert len(runs) == 3 and min(runs) <= report["ratios"]["speedup_vs_reference-2call"] <= max(runs)
+
+
+def test_the_new_methods_are_timed_against_dds_in_the_same_run(tmp_path, capsys) -> None:
+    report_path = tmp_path / "bench.json"
+    bench_dds.main(
+        ["--arch", "tiny", "--size", "16", "--device", "cpu", "--dtype", "fp32", "--steps", "2", "--warmup", "1",
+         "--loops", "ddsedit", "ddsedit-cds", "ddsedit-pds", "ddsedit-ids", "--json", str(report_path)]
+    )  # fmt: skip
+    report = json.loads(report_path.read_text())
+    assert [loop["name"] for loop in report["loops"]] == ["ddsedit", "ddsedit-cds", "ddsedit-pds", "ddsedit-ids"]
+    for method in ("cds", "pds", "ids"):
+        assert report["ratios"][f"{method}_step_vs_dds"] > 0
+    assert "cds_step_vs_dds" in capsys.readouterr().out

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ddsedit import scores
-from ddsedit.optimize import LoopSettings, PromptEmbeddings, distill, distillation_gradient
+from ddsedit import methods, scores
+from ddsedit.methods import GradientInputs, StepDraws
+from ddsedit.optimize import LoopSettings, PromptEmbeddings, distill
 
 
 class RecordingUNet(torch.nn.Module):
@@ -43,9 +44,8 @@ def test_dds_uses_one_call_of_four_with_shared_timestep_and_noise() -> None:
     latents = source + 0.3
     timesteps = torch.tensor([500])
     noise = torch.randn(1, 4, 4, 4)
-    gradient = distillation_gradient(
-        unet, latents, source, _embeddings(), timesteps, noise, _alphas(), "epsilon", "dds", 7.5
-    )
+    inputs = GradientInputs(unet, source, _embeddings(), _alphas(), "epsilon", 7.5)
+    gradient = methods.dds(inputs, latents, StepDraws(timesteps, noise))
     assert len(unet.calls) == 1
     sample, timestep, conditions = unet.calls[0]
     assert sample.shape[0] == 4 and timestep.tolist() == [500] * 4
@@ -64,9 +64,8 @@ def test_sds_uses_one_call_of_two_and_subtracts_the_noise() -> None:
     unet = RecordingUNet()
     latents = torch.randn(1, 4, 4, 4)
     noise = torch.randn(1, 4, 4, 4)
-    gradient = distillation_gradient(
-        unet, latents, latents, _embeddings(), torch.tensor([100]), noise, _alphas(), "epsilon", "sds", 2.0
-    )
+    inputs = GradientInputs(unet, latents, _embeddings(), _alphas(), "epsilon", 2.0)
+    gradient = methods.sds(inputs, latents, StepDraws(torch.tensor([100]), noise))
     assert len(unet.calls) == 1 and unet.calls[0][0].shape[0] == 2
     noisy = scores.add_noise(latents, noise, _alphas()[[100]])
     torch.testing.assert_close(gradient, 0.5 * noisy + 2.0 * 3.0 - noise)

@@ -79,3 +79,44 @@ def test_sgd_step_equals_autograd_sgd_on_the_reference_loss() -> None:
     torch.testing.assert_close(scores.sgd_step(latents, gradient, 0.1), parameter.detach())
     # The scale is fixed, whatever the latent's size.
     assert scores.GRADIENT_SCALE == pytest.approx(2000 / 4096)
+
+
+def test_pds_with_shared_noises_is_dds_weighted_by_timestep() -> None:
+    """With eps and eps' shared by both branches, the posterior samples' noise terms cancel:
+    z_tgt - z_src = sqrt(beta_t / (alpha_t * (1 - ab_prev))) * (eps_tgt - eps_src), a per-timestep weight on DDS.
+
+    Derived by hand from the PDS equations (x_prev - mu) / sigma; checked here on random tensors.
+    """
+    generator = torch.Generator().manual_seed(3)
+    shape = (2, 4, 5, 5)
+    target, source, eps_target, eps_source, noise, previous_noise = (
+        torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(6)
+    )
+    alpha_bar = torch.tensor([0.30, 0.05], dtype=torch.float64)
+    previous_alpha_bar = torch.tensor([0.33, 0.07], dtype=torch.float64)
+    gradient = scores.pds_gradient(
+        scores.posterior_noise(target, eps_target, noise, previous_noise, alpha_bar, previous_alpha_bar),
+        scores.posterior_noise(source, eps_source, noise, previous_noise, alpha_bar, previous_alpha_bar),
+    )
+    alpha = alpha_bar / previous_alpha_bar
+    weight = ((1 - alpha) / (alpha * (1 - previous_alpha_bar))).sqrt().view(-1, 1, 1, 1)
+    torch.testing.assert_close(gradient, weight * scores.dds_gradient(eps_target, eps_source), rtol=1e-10, atol=1e-10)
+
+
+def test_patch_nce_loss_against_a_loop() -> None:
+    generator = torch.Generator().manual_seed(5)
+    source = torch.nn.functional.normalize(torch.randn(6, 8, generator=generator), dim=1)
+    target = torch.nn.functional.normalize(torch.randn(6, 8, generator=generator), dim=1)
+    losses = []
+    for i in range(6):
+        positive = float(source[i] @ target[i]) / 0.07
+        negatives = [float(source[i] @ target[j]) / 0.07 for j in range(6) if j != i]
+        logits = torch.tensor([positive, *negatives], dtype=torch.float64)
+        losses.append(float(torch.logsumexp(logits, 0) - positive))
+    expected = sum(losses) / len(losses)
+    assert abs(float(scores.patch_nce_loss(source, target, 0.07)) - expected) < 1e-5
+    # Only the target learns: the source's features are held constant.
+    source.requires_grad_(True)
+    target.requires_grad_(True)
+    scores.patch_nce_loss(source, target, 0.07).backward()
+    assert source.grad is None and target.grad is not None and float(target.grad.abs().sum()) > 0

@@ -75,3 +75,26 @@ def test_automatic_mask_figures_are_compared_too(tmp_path: Path) -> None:
     by_figure = {row.figure: row for row in rows if row.run == "auto-mask"}
     assert by_figure["coverage_median_white"].difference == pytest.approx(0.1)
     assert by_figure["precision_median_black"].difference == 0.0
+    with_dds = json.loads(written("c", 0.9).read_text())
+    dds_report = json.loads(_report(tmp_path, "d", [0.5, 0.6, 0.7, 0.8]).read_text())
+    with_dds["case_scores"]["dds"] = dds_report["case_scores"]["dds"]
+    assert compare.compare_methods(with_dds, "dds") == []  # the masks' scores are not a method's edits
+
+
+def test_methods_of_one_report_are_compared_against_a_baseline(tmp_path: Path, capsys) -> None:
+    ious = [0.9, 0.5, 0.8, 0.6, 0.85, 0.4, 0.95, 0.7]
+    path = _report(tmp_path, "a", ious)
+    report = json.loads(path.read_text())
+    cases = evaluate.recolour_cases(len(ious), seed=0)
+    better = [evaluate.CaseScore(recoloured=True, iou=v + 0.05, background_change=2.0, dots_kept=4, dots=4)
+              for v in ious]  # fmt: skip
+    report["case_scores"]["cds"] = evaluate.case_records(cases, better)
+    path.write_text(json.dumps(report))
+    rows = compare.compare_methods(compare.load_report(path), "dds")
+    by_figure = {row.figure: row for row in rows if row.run == "cds"}
+    assert by_figure["iou_median_white"].difference == pytest.approx(0.05) and by_figure["iou_median_white"].settled
+    assert {row.run for row in rows} == {"cds"}
+    compare.main([str(path), "--baseline", "dds"])
+    assert "| cds | iou_median_black |" in capsys.readouterr().out
+    with pytest.raises(InputError, match="no pds run"):
+        compare.compare_methods(compare.load_report(path), "pds")

@@ -65,17 +65,18 @@ def test_report_runs_end_to_end_on_the_tiny_model(tiny_model_dir) -> None:
     mask_settings = AutoMaskSettings(threshold=1.1)  # the random model's map is nearly flat
     report, picture = evaluate.evaluate(editor, count=2, seed=0, config=editor.config(steps=2, size=64), swaps=1,
                                         mask_settings=mask_settings)  # fmt: skip
-    assert set(report.methods) == {"sds", "dds", "masked-dds", "masked-dds-auto"}
+    methods = {"sds", "dds", "masked-dds", "cds", "pds", "ids", "masked-dds-auto"}
+    assert set(report.methods) == methods  # every method, same cases
     assert report.methods["masked-dds"]["outside_mask_max_change"] <= 1
     assert report.methods["masked-dds-auto"]["outside_mask_max_change"] <= 1
     assert set(report.swaps) == {"background", "shape"}
-    # a header row names the columns: source, target, four runs, the automatic masks
-    assert picture.size == (7 * 128, evaluate.GRID_LABEL_HEIGHT + 2 * 128)
+    # source, target, then a column per method and one of the automatic masks; a header row names the columns
+    assert picture.size == (10 * 128, evaluate.GRID_LABEL_HEIGHT + 2 * 128)
     assert "| dds |" in evaluate.format_report(report)
     assert {"iou_median_white", "iou_median_black", "background_change"} <= set(report.held)
     assert "DDS started at the right answer" in evaluate.format_report(report)
     # every figure has an interval around it, and every case's scores are kept for compare
-    assert set(report.intervals) == {"sds", "dds", "masked-dds", "masked-dds-auto", "held", "auto-mask"}
+    assert set(report.intervals) == {*methods, "held", "auto-mask"}
     assert report.mask_settings["threshold"] == 1.1 and "Automatic mask (strength 0.5" in evaluate.format_report(report)
     for run, figures in [*report.methods.items(), ("held", report.held), ("auto-mask", report.masks)]:
         for name, (low, high) in report.intervals[run].items():

@@ -17,6 +17,7 @@ from rich.console import Console
 
 from ddsedit import __version__
 from ddsedit.errors import DDSEditError, InputError
+from ddsedit.names import MASKED_METHOD, METHODS
 
 app = typer.Typer(
     name="ddsedit",
@@ -34,7 +35,15 @@ METHOD_HELP = {
     "sds": "SDS edit: pull the image toward --query (no --ref needed; tends to lose detail).",
     "dds": "DDS edit: change what --ref describes into what --query describes, keeping the rest.",
     "masked-dds": "DDS confined to --mask (white = editable); outside it the source pixels are kept.",
+    "cds": "CDS edit (Nam et al. 2024): DDS plus a contrastive term on the UNet's self-attention features "
+    "that keeps the source's structure patch by patch. --mask optional.",
+    "pds": "PDS edit (Koo et al. 2024): match the target's posterior samples to the source's. --mask optional.",
+    "ids": "IDS edit (Kim et al. 2025): DDS whose source branch is first corrected to predict the source "
+    "again. --mask optional.",
 }
+# The options each method does not take (beyond DDS's own set).
+METHOD_OPTIONS = ("dds_weight", "cut_weight", "cut_patches", "cut_patch_sizes", "cut_temperature", "pds_grid",
+                  "identity_steps", "identity_weight")  # fmt: skip
 
 # Options that the edit commands and `batch` share, declared once so that their help stays the same.
 ModelOption = Annotated[
@@ -113,6 +122,8 @@ MaskGrowOption = Annotated[
         show_default=False,
     ),
 ]  # fmt: skip
+# What eval-shapes --methods may name: ddsedit.shapes.evaluate.RUNS, without importing torch.
+EVAL_RUNS = (*METHODS, f"{MASKED_METHOD}-auto")
 # Parameters of the edit template that only make sense with --mask (left out with it).
 MASK_ONLY_PARAMETERS = ("mask_strength", "mask_noises", "mask_threshold", "mask_grow", "save_mask")
 
@@ -227,6 +238,47 @@ def _edit_template(
             "--feather", help="Seam blend width in pixels, inside the mask [default: 2].", show_default=False
         ),
     ] = None,
+    dds_weight: Annotated[
+        float | None, typer.Option("--dds-weight", help="Weight of the DDS gradient [default: 1].", show_default=False)
+    ] = None,
+    cut_weight: Annotated[
+        float | None,
+        typer.Option(
+            "--cut-weight",
+            help="Weight of the contrastive (CUT) term [default: cds 3, ids 0 (off)].",
+            show_default=False,
+        ),
+    ] = None,
+    cut_patches: Annotated[
+        int | None,
+        typer.Option(
+            "--cut-patches", help="Positions drawn per layer and patch size [default: 256].", show_default=False
+        ),
+    ] = None,
+    cut_patch_sizes: Annotated[
+        str | None,
+        typer.Option("--cut-patch-sizes", help="Comma-separated patch sizes [default: 1,2].", show_default=False),
+    ] = None,
+    cut_temperature: Annotated[
+        float | None,
+        typer.Option("--cut-temperature", help="PatchNCE temperature [default: 0.07].", show_default=False),
+    ] = None,
+    pds_grid: Annotated[
+        int | None,
+        typer.Option(
+            "--pds-grid", help="Steps of the DDIM grid t and t_prev come from [default: 50].", show_default=False
+        ),
+    ] = None,
+    identity_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--identity-steps", help="Corrections of the source branch per step [default: 3].", show_default=False
+        ),
+    ] = None,
+    identity_weight: Annotated[
+        float | None,
+        typer.Option("--identity-weight", help="Step size of each correction [default: 1].", show_default=False),
+    ] = None,
     save_every: Annotated[
         int | None,
         typer.Option(
@@ -287,12 +339,13 @@ def _run_edit(
     keep_working_size: bool, paste_back: bool = True, feather: float | None = None, save_every: int | None,
     frames: Path | None, animation: Path | None, overwrite: bool, allow_pickle: bool,
     prediction_type: str | None, cpu_offload: bool, compile_unet: bool, cuda_graph: bool, quiet: bool,
-    verbose: bool,
+    verbose: bool, **method_options: object,
 ) -> None:  # fmt: skip
     # Every cheap check first (prompts, numbers, files, output names), before torch is imported.
     from ddsedit import imageio
     from ddsedit.checks import check_prediction_type, check_prompts
-    from ddsedit.settings import EditConfig
+    from ddsedit.names import MASK_OPTIONAL_METHODS, MASKED_METHOD
+    from ddsedit.settings import resolve_config
 
     check_prompts(method, query, ref)
     check_prediction_type(prediction_type)
@@ -304,16 +357,15 @@ def _run_edit(
     overrides = dict(
         steps=steps, guidance=guidance, lr=lr, t_min=t_min, t_max=t_max, seed=seed, negative=negative,
         size=size, feather=feather, keep_working_size=keep_working_size, paste_back=paste_back,
-        save_every=save_every,
+        save_every=save_every, **_method_overrides(method_options),
     )  # fmt: skip
-    EditConfig().replace(**overrides).validate()  # the flags, before the slow model load
+    resolve_config(method, {}, overrides).validate_for(method)  # the flags, before the slow model load
 
     imageio.load_image(src)
-    if method == "masked-dds":
-        if mask is None:
-            raise InputError("masked-dds needs --mask (white = editable)")
-        if auto_mask is None:
-            imageio.load_mask(mask, imageio.load_image(src).size)
+    if method == MASKED_METHOD and mask is None:
+        raise InputError("masked-dds needs --mask (white = editable)")
+    if mask is not None and method in (MASKED_METHOD, *MASK_OPTIONAL_METHODS) and auto_mask is None:
+        imageio.load_mask(mask, imageio.load_image(src).size)
     if start is not None:
         imageio.check_start_size(imageio.load_image(start, "start image"), imageio.load_image(src))
     if output is not None and output.is_dir():
@@ -344,7 +396,7 @@ def _run_edit(
             prediction_type=prediction_type, keep_text_encoder=False, cpu_offload=cpu_offload,
             compile_unet=compile_unet, cuda_graph=cuda_graph,
         )  # fmt: skip
-    config = editor.config(**overrides)
+    config = editor.config(method, **overrides)
     if (frames is not None or animation is not None) and save_every is None:
         config = config.replace(save_every=max(1, config.steps // 25))  # the model's steps, not the paper's
     if frames is not None:
@@ -469,9 +521,25 @@ def _register(method: str, without: tuple[str, ...], required: tuple[str, ...] =
     app.command(method, no_args_is_help=True)(command)
 
 
-_register("sds", without=("ref", "mask", "paste_back", "feather"))
-_register("dds", without=("mask", "paste_back", "feather"), required=("ref",))
-_register("masked-dds", without=(), required=("ref", "mask"))
+_CUT_OPTIONS = ("dds_weight", "cut_weight", "cut_patches", "cut_patch_sizes", "cut_temperature")
+_register("sds", without=("ref", "mask", "paste_back", "feather", *METHOD_OPTIONS))
+_register("dds", without=("mask", "paste_back", "feather", *METHOD_OPTIONS), required=("ref",))
+_register("masked-dds", without=METHOD_OPTIONS, required=("ref", "mask"))
+_register("cds", without=("pds_grid", "identity_steps", "identity_weight"), required=("ref",))
+_register("pds", without=(*_CUT_OPTIONS, "identity_steps", "identity_weight"), required=("ref",))
+_register("ids", without=("pds_grid",), required=("ref",))
+
+
+def _method_overrides(options: dict[str, object]) -> dict[str, object]:
+    """The method flags as EditConfig overrides (``--cut-patch-sizes 1,2`` -> (1, 2))."""
+    overrides = dict(options)
+    sizes = overrides.get("cut_patch_sizes")
+    if isinstance(sizes, str):
+        try:
+            overrides["cut_patch_sizes"] = tuple(int(part) for part in sizes.split(",") if part.strip())
+        except ValueError:
+            raise InputError(f"--cut-patch-sizes must be comma-separated integers, got {sizes!r}") from None
+    return overrides
 
 
 @app.command("mask", no_args_is_help=True)
@@ -620,10 +688,10 @@ def eval_shapes_command(
         str,
         typer.Option(
             "--methods",
-            help="Comma-separated recolour runs (masked-dds-auto: masked DDS with --mask auto, whose masks are "
-            "scored too): a subset screens a model faster.",
+            help="Comma-separated methods to run on the recolour cases (masked-dds-auto: masked DDS with --mask auto, "
+            "whose masks are scored too): a subset screens a model faster.",
         ),
-    ] = "sds,dds,masked-dds,masked-dds-auto",
+    ] = ",".join(EVAL_RUNS),
     mask_strength: MaskStrengthOption = None,
     mask_noises: MaskNoisesOption = None,
     mask_threshold: MaskThresholdOption = None,
@@ -643,16 +711,14 @@ def eval_shapes_command(
 
     stdout: the table (markdown); stderr: progress (a bar in a terminal, else a line per batch).
     """
-    from ddsedit.automask import AUTO_MASK, AutoMaskSettings
-    from ddsedit.names import MASKED_METHOD, METHODS
+    from ddsedit.automask import AutoMaskSettings
 
-    runs = (*METHODS, f"{MASKED_METHOD}-{AUTO_MASK}")  # shapes.evaluate.RUNS, without importing torch
     try:
         if cases < 2 or swaps < 0 or batch_size < 1:
             raise InputError("--cases must be >= 2, --swaps >= 0 and --batch-size >= 1")
         chosen = tuple(dict.fromkeys(m.strip() for m in methods.split(",") if m.strip()))
-        if not chosen or any(m not in runs for m in chosen):
-            raise InputError(f"--methods must be some of {', '.join(runs)} (comma-separated), got {methods!r}")
+        if not chosen or any(m not in EVAL_RUNS for m in chosen):
+            raise InputError(f"--methods must be some of {', '.join(EVAL_RUNS)} (comma-separated), got {methods!r}")
         mask_settings = AutoMaskSettings().replace(
             strength=mask_strength, noises=mask_noises, threshold=mask_threshold, grow=mask_grow
         )

@@ -27,13 +27,14 @@ from ddsedit.automask import AutoMaskSettings
 from ddsedit.checks import check_prompts
 from ddsedit.errors import DDSEditError, InputError
 from ddsedit.loading import ModelComponents, load_model, resolve_device
-from ddsedit.names import METHODS_WITH_REF
-from ddsedit.optimize import METHODS, LoopSettings, PromptEmbeddings, distill
-from ddsedit.settings import EditConfig
+from ddsedit.names import MASK_OPTIONAL_METHODS, MASKED_METHOD, METHODS_WITH_REF
+from ddsedit.optimize import GRAPHABLE_METHODS, METHODS, LoopSettings, MethodOptions, PromptEmbeddings, distill
+from ddsedit.settings import METHOD_FIELDS, EditConfig, resolve_config
 
 __all__ = ["EditConfig", "EditRequest", "EditResult", "Editor", "edit_parameters", "save_result", "webui_parameters"]
 
 ImageLike = str | os.PathLike | Image.Image
+MaskLike = ImageLike | AutoMaskSettings  # a mask image or path, "auto", or how to draw it
 ProgressCallback = Callable[[int, int], None]
 
 
@@ -76,6 +77,10 @@ def webui_parameters(parameters: dict[str, Any], size: tuple[int, int]) -> str:
     if parameters.get("ref"):
         fields["Ref prompt"] = parameters["ref"]
     fields.update({"Learning rate": parameters["lr"], "Timesteps": f"{parameters['t_min']}-{parameters['t_max'] - 1}"})
+    method_fields = METHOD_FIELDS.get(parameters["method"], ())
+    fields.update(
+        {name.replace("_", " ").capitalize(): parameters[name] for name in method_fields if name in parameters}
+    )
     if "feather" in parameters:
         fields.update({"Paste back": parameters["paste_back"], "Feather": parameters["feather"]})
     if parameters.get("mask") == automask.AUTO_MASK:
@@ -94,11 +99,13 @@ def webui_parameters(parameters: dict[str, Any], size: tuple[int, int]) -> str:
 
 
 def edit_parameters(
-    method: str, ref: str, query: str, seed: int, config: EditConfig, auto_mask: AutoMaskSettings | None = None
+    method: str, ref: str, query: str, seed: int, config: EditConfig, masked: bool = False,
+    auto_mask: AutoMaskSettings | None = None,
 ) -> dict[str, Any]:
     """What decides an edit's result, as its output's metadata records it (batch resume compares these).
 
-    ``auto_mask`` (its seed set): the settings of an automatic mask, recorded as ``mask: auto`` and ``mask_*``.
+    ``masked``: a mask was given (masked-dds always has one; cds, pds and ids may). ``auto_mask`` (its
+    seed set): the settings of an automatic mask, recorded as ``mask: auto`` and ``mask_*``.
     """
     parameters: dict[str, Any] = {
         "method": method,
@@ -113,7 +120,8 @@ def edit_parameters(
         "t_max": config.t_max,
         "size": config.size,
     }
-    if method == "masked-dds":
+    parameters.update(config.method_fields(method))
+    if method == MASKED_METHOD or masked:
         parameters.update(paste_back=config.paste_back, feather=config.feather)
     if auto_mask is not None:
         parameters.update(auto_mask.recorded())
@@ -212,9 +220,10 @@ class Editor:
 
     # ------------------------------------------------------------------ settings
 
-    def config(self, **overrides: Any) -> EditConfig:
-        """Default settings for this model (its ``ddsedit.json`` over the paper's), then ``overrides``."""
-        return EditConfig().replace(**self.components.defaults).replace(**overrides)
+    def config(self, method: str = "dds", **overrides: Any) -> EditConfig:
+        """Settings for ``method`` on this model: the paper's defaults, the method's, the model's
+        ``ddsedit.json`` (see :func:`ddsedit.settings.resolve_config`), then ``overrides``."""
+        return resolve_config(method, self.components.defaults, overrides)
 
     # ------------------------------------------------------------------ text
 
@@ -321,10 +330,12 @@ class Editor:
         """
         if method not in METHODS:
             raise InputError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+        if self.cuda_graph and method not in GRAPHABLE_METHODS:
+            raise InputError(f"--cuda-graph records {', '.join(GRAPHABLE_METHODS)} steps, not {method}")
         if not requests:
             return []
-        config = config or self.config()
-        config.validate(self.components.num_train_timesteps)
+        config = config or self.config(method)
+        config.validate_for(method, self.components.num_train_timesteps)
         prepared = [self._prepare(request, method, config) for request in requests]
         working = prepared[0].working_size
         if any(item.working_size != working for item in prepared):
@@ -348,10 +359,13 @@ class Editor:
             start_pixels = torch.cat([imageio.image_to_tensor(start, working) for start in starts])
             initial_latents = self.encode_image(start_pixels)
         latent_mask = None
-        if method == "masked-dds":
+        if any(item.mask is not None for item in prepared):
             latent_size = (source_latents.shape[-1], source_latents.shape[-2])
-            latent_mask = torch.cat([imageio.mask_to_latent(item.mask, latent_size) for item in prepared])
-            latent_mask = latent_mask.to(self.device)
+            latent_mask = torch.cat([
+                torch.ones(1, 1, latent_size[1], latent_size[0]) if item.mask is None
+                else imageio.mask_to_latent(item.mask, latent_size)
+                for item in prepared
+            ]).to(self.device)  # fmt: skip
 
         frames: list[list[tuple[int, Image.Image]]] = [[] for _ in prepared]
         if config.save_every:
@@ -371,7 +385,9 @@ class Editor:
 
         nonfinite_steps_seen: list[int] = []
         generators = [torch.Generator(device=self.device).manual_seed(item.seed) for item in prepared]
-        settings = LoopSettings(method, config.steps, config.guidance, config.lr, config.t_min, config.t_max)
+        settings = LoopSettings(
+            method, config.steps, config.guidance, config.lr, config.t_min, config.t_max, _method_options(config)
+        )
         latents = distill(
             self.components.unet, source_latents, prompt_embeddings, self.components.alphas_cumprod,
             self.components.prediction_type, settings, generators, mask=latent_mask, on_step=on_step,
@@ -402,9 +418,11 @@ class Editor:
         source = _load_rgb(request.image)
         binary_mask = None
         auto_mask = None  # an automatic mask is drawn below, once the seed and the working size are known
-        if method == "masked-dds":
-            if request.mask is None:
-                raise InputError("masked-dds needs a --mask (white = editable)")
+        if method == MASKED_METHOD and request.mask is None:
+            raise InputError("masked-dds needs a --mask (white = editable)")
+        if request.mask is not None and method not in (MASKED_METHOD, *MASK_OPTIONAL_METHODS):
+            raise InputError(f"{method} takes no mask: use masked-dds, or one of {', '.join(MASK_OPTIONAL_METHODS)}")
+        if request.mask is not None:
             auto_mask = automask.requested_settings(request.mask)
             mask = request.mask
             if auto_mask is None and not isinstance(mask, Image.Image):
@@ -451,7 +469,8 @@ class Editor:
                 source = source.resize(edited.size, Image.Resampling.LANCZOS)
             edited = imageio.paste_back(edited, source, item.mask, config.feather)
         parameters = {
-            **edit_parameters(method, item.ref, item.query, item.seed, config, auto_mask=item.auto_mask),
+            **edit_parameters(method, item.ref, item.query, item.seed, config, masked=item.mask is not None,
+                              auto_mask=item.auto_mask),
             "working_size": f"{item.working_size[0]}x{item.working_size[1]}",
             "model": self.components.identity or self.components.source,
             "prediction_type": self.components.prediction_type,
@@ -524,7 +543,7 @@ class Editor:
 
     def sds(self, image: ImageLike, query: str, **settings: Any) -> Image.Image:
         """SDS edit: pull the image toward ``query``. ``settings`` are :class:`EditConfig` fields."""
-        return self.edit(image, "sds", query=query, config=self.config(**settings)).image
+        return self.edit(image, "sds", query=query, config=self.config("sds", **settings)).image
 
     def dds(self, image: ImageLike, ref: str, query: str, **settings: Any) -> Image.Image:
         """DDS edit: change what ``ref`` says into what ``query`` says, keeping the rest."""
@@ -535,7 +554,36 @@ class Editor:
     ) -> Image.Image:
         """DDS confined to ``mask`` (white = editable; ``"auto"``: drawn from the prompts); outside it the source
         is kept."""
-        return self.edit(image, "masked-dds", query=query, ref=ref, mask=mask, config=self.config(**settings)).image
+        return self.edit(
+            image, "masked-dds", query=query, ref=ref, mask=mask, config=self.config("masked-dds", **settings)
+        ).image
+
+    def cds(self, image: ImageLike, ref: str, query: str, mask: MaskLike | None = None, **settings: Any):
+        """CDS edit: DDS plus a contrastive term that keeps the source's structure patch by patch."""
+        return self._edit_image("cds", image, ref, query, mask, settings)
+
+    def pds(self, image: ImageLike, ref: str, query: str, mask: MaskLike | None = None, **settings: Any):
+        """PDS edit: match the target's posterior samples to the source's."""
+        return self._edit_image("pds", image, ref, query, mask, settings)
+
+    def ids(self, image: ImageLike, ref: str, query: str, mask: MaskLike | None = None, **settings: Any):
+        """IDS edit: DDS with the source branch's noise corrected so that it predicts the source again."""
+        return self._edit_image("ids", image, ref, query, mask, settings)
+
+    def _edit_image(
+        self, method: str, image: ImageLike, ref: str, query: str, mask: MaskLike | None, settings: dict[str, Any]
+    ) -> Image.Image:
+        config = self.config(method, **settings)
+        return self.edit(image, method, query=query, ref=ref, mask=mask, config=config).image
+
+
+def _method_options(config: EditConfig) -> MethodOptions:
+    """The loop's view of the settings beyond DDS."""
+    return MethodOptions(
+        dds_weight=config.dds_weight, cut_weight=config.cut_weight, cut_patches=config.cut_patches,
+        cut_patch_sizes=tuple(config.cut_patch_sizes), cut_temperature=config.cut_temperature,
+        pds_grid=config.pds_grid, identity_steps=config.identity_steps, identity_weight=config.identity_weight,
+    )  # fmt: skip
 
 
 def save_result(result: EditResult, path: str | Path, overwrite: bool = False) -> Path:

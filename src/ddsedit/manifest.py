@@ -27,7 +27,7 @@ from ddsedit.automask import AUTO_MASK, SAME_PROMPTS_MESSAGE
 from ddsedit.checks import prompt_problems
 from ddsedit.errors import InputError
 from ddsedit.formats import has_output_suffix, output_suffixes_text
-from ddsedit.names import MASKED_METHOD, METHODS
+from ddsedit.names import MASK_OPTIONAL_METHODS, MASKED_METHOD, METHODS
 
 COLUMNS = ("src", "ref", "query", "method", "mask", "seed", "steps", "guidance", "lr", "out")
 REQUIRED_COLUMNS = ("src", "query")
@@ -216,8 +216,8 @@ def _check_row(line: int, values: dict[str, Any], base: Path) -> tuple[ManifestR
     mask = None
     if method == MASKED_METHOD and not text["mask"]:
         reasons.append(f"{MASKED_METHOD} needs a mask (white = editable)")
-    elif text["mask"] and method != MASKED_METHOD:
-        reasons.append(f"mask is only used by {MASKED_METHOD}, not {method}")
+    elif text["mask"] and method not in (MASKED_METHOD, *MASK_OPTIONAL_METHODS):
+        reasons.append(f"mask is used by {', '.join((MASKED_METHOD, *MASK_OPTIONAL_METHODS))}, not {method}")
     elif text["mask"] == AUTO_MASK:
         if (text["ref"] or "") == (text["query"] or ""):
             reasons.append(SAME_PROMPTS_MESSAGE.replace("--ref and --query", "ref and query"))

@@ -1,28 +1,40 @@
-"""The optimisation loop shared by SDS, DDS and masked DDS.
+"""The optimisation loop shared by every method.
 
-Each step draws one timestep and one noise tensor per image, makes ONE UNet call for
-every prediction the method needs, applies classifier-free guidance, turns the
-predictions into a gradient with the functions in :mod:`ddsedit.scores`, and takes an
-SGD step on the latents. Only the gradient differs between methods.
+Each step draws one timestep and one noise tensor per image (PDS: two of each), asks the method's
+gradient function in :mod:`ddsedit.methods` for the gradient (one batched UNet call for SDS, DDS and
+PDS), sets its non-finite elements to 0, applies the mask, and takes an SGD step on the latents.
+Only the gradient differs between methods.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ddsedit import scores
+from ddsedit.methods import (
+    GRADIENTS,
+    GradientInputs,
+    MethodOptions,
+    PromptEmbeddings,
+    StepDraws,
+    predict_epsilon,
+)
 from ddsedit.names import METHODS as METHODS  # defined there, torch-free; the editor imports it from here
+
+__all__ = ["METHODS", "LoopSettings", "MethodOptions", "PromptEmbeddings", "distill", "draw_step", "predict_epsilon"]
 
 StepCallback = Callable[[int, torch.Tensor], None]
 NonfiniteCallback = Callable[[int], None]
+# Methods whose step is one UNet call without autograd: the ones a CUDA graph can record.
+GRAPHABLE_METHODS = ("sds", "dds", "masked-dds")
 
 
 @dataclass(frozen=True)
 class LoopSettings:
-    """What the loop needs to know; validated by :class:`ddsedit.editor.EditConfig`."""
+    """What the loop needs to know; validated by :class:`ddsedit.settings.EditConfig`."""
 
     method: str = "dds"
     steps: int = 200
@@ -30,91 +42,46 @@ class LoopSettings:
     lr: float = 0.1
     t_min: int = 50
     t_max: int = 950  # exclusive: t is drawn uniformly from the integers t_min, ..., t_max - 1 (50 to 949)
+    options: MethodOptions = field(default_factory=MethodOptions)
 
 
-@dataclass
-class PromptEmbeddings:
-    """Text embeddings, one row per image: [K, tokens, dim] each."""
-
-    unconditional: torch.Tensor
-    source: torch.Tensor  # the --ref prompt: what the image shows
-    target: torch.Tensor  # the --query prompt: what it should show
-
-
-def predict_epsilon(
-    unet: torch.nn.Module,
-    noisy_latents: torch.Tensor,
-    timesteps: torch.Tensor,
-    embeddings: torch.Tensor,
-    alpha_bar: torch.Tensor,
-    prediction_type: str,
-) -> torch.Tensor:
-    """One UNet call on a batch, returned as fp32 noise predictions."""
-    unet_dtype = next(unet.parameters()).dtype
-    prediction = unet(noisy_latents.to(unet_dtype), timesteps, encoder_hidden_states=embeddings, return_dict=False)[
-        0
-    ].float()
-    return scores.epsilon_from_prediction(prediction, noisy_latents, alpha_bar, prediction_type)
-
-
-def distillation_gradient(
-    unet: torch.nn.Module,
-    latents: torch.Tensor,
-    source_latents: torch.Tensor,
-    embeddings: PromptEmbeddings,
-    timesteps: torch.Tensor,
-    noise: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    prediction_type: str,
-    method: str,
-    guidance: float,
-) -> torch.Tensor:
-    """The SDS or DDS gradient for one step, for K images at once, with one UNet call.
-
-    DDS batches [source uncond, source cond, target uncond, target cond] (4K samples);
-    SDS batches [target uncond, target cond] (2K samples). Source and target share the
-    timestep and the noise.
-    """
-    alpha_bar = alphas_cumprod[timesteps]
-    noisy_latents = scores.add_noise(latents, noise, alpha_bar)
-    if method == "sds":
-        batch = torch.cat([noisy_latents, noisy_latents])
-        conditions = torch.cat([embeddings.unconditional, embeddings.target])
-        repeats = 2
-    else:
-        noisy_source = scores.add_noise(source_latents, noise, alpha_bar)
-        batch = torch.cat([noisy_source, noisy_source, noisy_latents, noisy_latents])
-        conditions = torch.cat(
-            [embeddings.unconditional, embeddings.source, embeddings.unconditional, embeddings.target]
-        )
-        repeats = 4
-    epsilon = predict_epsilon(
-        unet, batch, timesteps.repeat(repeats), conditions, alpha_bar.repeat(repeats), prediction_type
-    )
-    chunks = epsilon.chunk(repeats)
-    if method == "sds":
-        target = scores.classifier_free_guidance(chunks[0], chunks[1], guidance)
-        return scores.sds_gradient(target, noise)
-    source = scores.classifier_free_guidance(chunks[0], chunks[1], guidance)
-    target = scores.classifier_free_guidance(chunks[2], chunks[3], guidance)
-    return scores.dds_gradient(target, source)
+def pds_grid(num_train_timesteps: int, grid_steps: int, t_min: int, t_max: int) -> tuple[torch.Tensor, int]:
+    """The DDIM grid points PDS draws t from (within ``[t_min, t_max)``, each with a previous point) and the spacing."""
+    spacing = num_train_timesteps // grid_steps
+    points = torch.arange(spacing, num_train_timesteps, spacing)
+    return points[(points >= t_min) & (points < t_max)], spacing
 
 
 def draw_step(
-    generators: list[torch.Generator], settings: LoopSettings, image_shape: tuple[int, ...], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step's timesteps [K] and noise [K, C, h, w]: each image draws from its own generator.
+    generators: list[torch.Generator],
+    settings: LoopSettings,
+    image_shape: tuple[int, ...],
+    device: torch.device,
+    num_train_timesteps: int = 1000,
+) -> StepDraws:
+    """One step's draws: each image draws from its own generator, in a fixed order (t, noise, then PDS's).
 
     Drawn on the device from seeded generators: reproducible, and no host sync.
     """
-    draws = [
-        (
-            torch.randint(settings.t_min, settings.t_max, (1,), generator=generator, device=device),
-            torch.randn(image_shape, generator=generator, device=device, dtype=torch.float32),
-        )
-        for generator in generators
-    ]
-    return torch.cat([t for t, _ in draws]), torch.cat([n for _, n in draws])
+    grid, spacing = (None, 0)
+    if settings.method == "pds":
+        grid, spacing = pds_grid(num_train_timesteps, settings.options.pds_grid, settings.t_min, settings.t_max)
+        grid = grid.to(device)
+    timesteps, noises, previous_noises = [], [], []
+    for generator in generators:
+        if grid is None:
+            timesteps.append(torch.randint(settings.t_min, settings.t_max, (1,), generator=generator, device=device))
+        else:
+            index = torch.randint(0, len(grid), (1,), generator=generator, device=device)
+            timesteps.append(grid[index])
+        noises.append(torch.randn(image_shape, generator=generator, device=device, dtype=torch.float32))
+        if grid is not None:
+            previous_noises.append(torch.randn(image_shape, generator=generator, device=device, dtype=torch.float32))
+    draws = StepDraws(torch.cat(timesteps), torch.cat(noises))
+    if grid is not None:
+        draws.previous_timesteps = draws.timesteps - spacing
+        draws.previous_noise = torch.cat(previous_noises)
+    return draws
 
 
 def distill(
@@ -154,7 +121,9 @@ def distill(
     device = source_latents.device
     alphas_cumprod = alphas_cumprod.to(device=device, dtype=torch.float32)
     source_latents = source_latents.float()
-    gradient_method = "sds" if settings.method == "sds" else "dds"
+    gradient_function = GRADIENTS[settings.method]
+    if cuda_graph and settings.method not in GRAPHABLE_METHODS:
+        raise ValueError(f"a CUDA graph records {', '.join(GRAPHABLE_METHODS)} steps, not {settings.method}")
     if len(generators) != source_latents.shape[0]:
         raise ValueError(f"need one generator per image: {len(generators)} for {source_latents.shape[0]} images")
     image_shape = (1, *source_latents.shape[1:])
@@ -165,11 +134,14 @@ def distill(
     # Steps whose gradient had a non-finite element, counted on the device (read once, at the end).
     nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device)
 
-    def update(latents: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        gradient = distillation_gradient(
-            unet, latents, source_latents, embeddings, timesteps, noise,
-            alphas_cumprod, prediction_type, gradient_method, settings.guidance,
-        )  # fmt: skip
+    inputs = GradientInputs(
+        unet, source_latents, embeddings, alphas_cumprod, prediction_type, settings.guidance, settings.options,
+        generators,
+    )  # fmt: skip
+    num_train_timesteps = alphas_cumprod.shape[0]
+
+    def update(latents: torch.Tensor, draws: StepDraws) -> torch.Tensor:
+        gradient = gradient_function(inputs, latents, draws)
         gradient, had_nonfinite = scores.zero_nonfinite(gradient)
         nonfinite_steps.add_(had_nonfinite)
         if mask is not None:
@@ -182,8 +154,7 @@ def distill(
         else:
             latents = start.clone()
             for step in range(1, settings.steps + 1):
-                timesteps, noise = draw_step(generators, settings, image_shape, device)
-                latents = update(latents, timesteps, noise)
+                latents = update(latents, draw_step(generators, settings, image_shape, device, num_train_timesteps))
                 if on_step is not None:
                     on_step(step, latents)
     count = int(nonfinite_steps)
@@ -193,7 +164,7 @@ def distill(
 
 
 def _distill_replayed(
-    update: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    update: Callable[[torch.Tensor, StepDraws], torch.Tensor],
     start_latents: torch.Tensor,
     generators: list[torch.Generator],
     settings: LoopSettings,
@@ -208,18 +179,19 @@ def _distill_replayed(
     """
     device = start_latents.device
     latents = start_latents.clone()
-    timesteps, noise = draw_step(generators, settings, image_shape, device)
-    timestep_buffer, noise_buffer = torch.empty_like(timesteps), torch.empty_like(noise)
+    draws = draw_step(generators, settings, image_shape, device)
+    timestep_buffer, noise_buffer = torch.empty_like(draws.timesteps), torch.empty_like(draws.noise)
+    buffers = StepDraws(timestep_buffer, noise_buffer)
 
     def step_in_place() -> None:
-        latents.copy_(update(latents, timestep_buffer, noise_buffer))
+        latents.copy_(update(latents, buffers))
 
     replay = step_in_place
     if device.type == "cuda":
         # Warm-up on a side stream (allocator and library workspaces settle), as CUDA graph
         # capture requires; the warm-up's update is undone before the real steps.
-        timestep_buffer.copy_(timesteps)
-        noise_buffer.copy_(noise)
+        timestep_buffer.copy_(draws.timesteps)
+        noise_buffer.copy_(draws.noise)
         side_stream = torch.cuda.Stream(device)
         side_stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side_stream):
@@ -234,9 +206,9 @@ def _distill_replayed(
         replay = graph.replay
     for step in range(1, settings.steps + 1):
         if step > 1:
-            timesteps, noise = draw_step(generators, settings, image_shape, device)
-        timestep_buffer.copy_(timesteps)
-        noise_buffer.copy_(noise)
+            draws = draw_step(generators, settings, image_shape, device)
+        timestep_buffer.copy_(draws.timesteps)
+        noise_buffer.copy_(draws.noise)
         replay()
         if on_step is not None:
             on_step(step, latents)

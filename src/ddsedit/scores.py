@@ -88,3 +88,62 @@ def sgd_step(latents: torch.Tensor, gradient: torch.Tensor, lr: float) -> torch.
     written directly, without building an autograd graph.
     """
     return latents - (lr * GRADIENT_SCALE) * gradient
+
+
+def predicted_clean_latents(
+    noisy_latents: torch.Tensor, epsilon: torch.Tensor, alpha_bar: torch.Tensor
+) -> torch.Tensor:
+    """The x0 (Tweedie) estimate ``(z_t - sqrt(1 - a) * eps) / sqrt(a)`` behind a noise prediction."""
+    alpha_bar = _broadcast(alpha_bar, noisy_latents)
+    return (noisy_latents - (1.0 - alpha_bar).sqrt() * epsilon) / alpha_bar.sqrt()
+
+
+def posterior_noise(
+    clean_latents: torch.Tensor,
+    epsilon: torch.Tensor,
+    noise: torch.Tensor,
+    previous_noise: torch.Tensor,
+    alpha_bar: torch.Tensor,
+    previous_alpha_bar: torch.Tensor,
+) -> torch.Tensor:
+    """PDS's standardised posterior sample ``(x_prev - mu) / sigma`` for one branch (Koo et al., 2024).
+
+    ``x_t`` is ``clean_latents`` noised with ``noise`` to ``alpha_bar``; ``mu`` and ``sigma`` are the
+    mean and deviation of the DDPM posterior q(x_prev | x_t, x0hat) between two grid steps, with x0hat
+    taken from the model's ``epsilon``; ``x_prev`` is ``clean_latents`` noised with ``previous_noise`` to
+    ``previous_alpha_bar``. Matching this quantity for target and source keeps the target's posterior
+    (its fine structure) that of the source, where DDS only matches the scores.
+    """
+    alpha_bar = _broadcast(alpha_bar, clean_latents)
+    previous_alpha_bar = _broadcast(previous_alpha_bar, clean_latents)
+    noisy = alpha_bar.sqrt() * clean_latents + (1.0 - alpha_bar).sqrt() * noise
+    clean_estimate = (noisy - (1.0 - alpha_bar).sqrt() * epsilon) / alpha_bar.sqrt()
+    alpha = alpha_bar / previous_alpha_bar  # the one-step alpha between the two grid points
+    beta = 1.0 - alpha
+    mean = (previous_alpha_bar.sqrt() * beta * clean_estimate + alpha.sqrt() * (1.0 - previous_alpha_bar) * noisy) / (
+        1.0 - alpha_bar
+    )
+    deviation = ((1.0 - previous_alpha_bar) / (1.0 - alpha_bar) * beta).sqrt()
+    previous = previous_alpha_bar.sqrt() * clean_latents + (1.0 - previous_alpha_bar).sqrt() * previous_noise
+    return (previous - mean) / deviation
+
+
+def pds_gradient(target_posterior_noise: torch.Tensor, source_posterior_noise: torch.Tensor) -> torch.Tensor:
+    """Posterior Distillation Sampling: the target's standardised posterior sample minus the source's."""
+    return target_posterior_noise - source_posterior_noise
+
+
+def patch_nce_loss(source_features: torch.Tensor, target_features: torch.Tensor, temperature: float) -> torch.Tensor:
+    """PatchNCE (the CUT loss): each target patch must pick its own source patch among all of them.
+
+    ``source_features`` and ``target_features`` are [N, C] features of the same N positions, each
+    row L2-normalised. Row i's logits are ``<s_i, t_i>`` (the positive) and ``<s_i, t_j>`` for
+    ``j != i`` (the negatives), over ``temperature``; the loss is the cross-entropy with the positive
+    as the label, averaged over the rows. The source features are constants: only the target learns.
+    """
+    similarities = source_features.detach() @ target_features.T / temperature  # [N, N], row i: s_i against all t
+    positives = similarities.diagonal()
+    negatives = similarities.masked_fill(torch.eye(len(similarities), dtype=torch.bool, device=similarities.device),
+                                         float("-inf"))  # fmt: skip
+    logits = torch.cat([positives[:, None], negatives], dim=1)
+    return torch.nn.functional.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))

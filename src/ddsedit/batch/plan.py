@@ -65,20 +65,25 @@ def expected_prediction_type(kind: str, path: Path, prediction_type: str | None)
     return str(config.get("prediction_type") or DEFAULT_PREDICTION_TYPE)  # as loading.load_model reads it
 
 
-def resolve_defaults(options: BatchOptions) -> tuple[EditConfig, ExpectedModel]:
-    """The rows' default settings (the model's ``ddsedit.json``, then the flags) and what outputs record of the model.
+def resolve_defaults(options: BatchOptions) -> tuple[dict[str, EditConfig], ExpectedModel]:
+    """Each method's default settings for the rows (its own, the model's ``ddsedit.json``, then the flags)
+    and what outputs record of the model.
 
     Reads only the model's defaults and scheduler config (or a checkpoint's header), not its
     weights, so that finished rows can be recognised without loading the model.
     """
-    from ddsedit.editor import EditConfig
     from ddsedit.loading import locate_model, model_identity, read_defaults
+    from ddsedit.names import METHODS
+    from ddsedit.settings import resolve_config
 
     overrides = options.overrides()
-    EditConfig().replace(**overrides).validate()  # the flags, with their names in the message
+    for method in METHODS:
+        resolve_config(method, {}, overrides).validate_for(method)  # the flags, with their names in the message
     kind, path = locate_model(options.model, allow_pickle=options.allow_pickle)
-    defaults = EditConfig().replace(**(read_defaults(path) if kind == "folder" else {})).replace(**overrides)
-    defaults.validate()
+    model_defaults = read_defaults(path) if kind == "folder" else {}
+    defaults = {method: resolve_config(method, model_defaults, overrides) for method in METHODS}
+    for method, config in defaults.items():
+        config.validate_for(method)
     expected = ExpectedModel(
         identity=model_identity(options.model, kind, path),
         prediction_type=expected_prediction_type(kind, path, options.prediction_type),
@@ -106,7 +111,10 @@ class Job:
         from ddsedit.editor import edit_parameters
 
         ref = self.row.ref if self.row.method in METHODS_WITH_REF else ""
-        parameters = edit_parameters(self.row.method, ref, self.row.query, self.seed, self.config, self.auto_mask)
+        parameters = edit_parameters(
+            self.row.method, ref, self.row.query, self.seed, self.config, masked=self.row.mask is not None or
+            self.row.auto_mask, auto_mask=self.auto_mask,
+        )  # fmt: skip
         parameters["model"] = model.identity
         if model.prediction_type is not None:
             parameters["prediction_type"] = model.prediction_type
@@ -153,9 +161,10 @@ class Job:
 
 
 def plan_jobs(
-    rows: list[ManifestRow], defaults: EditConfig, out_dir: Path, mask_settings: AutoMaskSettings | None = None
-) -> list[Job]:
-    """Resolve each row's settings and seed: the row's, else ``defaults``' (the flags and the model's).
+    rows: list[ManifestRow], defaults: dict[str, EditConfig], out_dir: Path,
+    mask_settings: AutoMaskSettings | None = None,
+) -> list[Job]:  # fmt: skip
+    """Resolve each row's settings and seed: the row's, else its method's ``defaults`` (the flags and the model's).
 
     A row whose mask is ``auto`` draws it with ``mask_settings`` (default: the defaults of
     :class:`~ddsedit.automask.AutoMaskSettings`) and its own seed.
@@ -166,10 +175,11 @@ def plan_jobs(
     """
     jobs = []
     for row in rows:
-        seed = row.seed if row.seed is not None else defaults.seed
+        method_defaults = defaults[row.method]
+        seed = row.seed if row.seed is not None else method_defaults.seed
         if seed is None:
             seed = row.derived_seed()
-        config = defaults.replace(steps=row.steps, guidance=row.guidance, lr=row.lr, seed=seed)
+        config = method_defaults.replace(steps=row.steps, guidance=row.guidance, lr=row.lr, seed=seed)
         auto_mask = None
         if row.auto_mask:
             from ddsedit.automask import AutoMaskSettings

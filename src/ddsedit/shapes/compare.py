@@ -4,9 +4,11 @@
     ddsedit eval-shapes --model runs/candidate/final --out-dir runs/b
     python -m ddsedit.shapes.compare runs/a/report.json runs/b/report.json
 
-For every run both reports hold (sds, dds, masked-dds, masked-dds-auto, DDS started at the right
-answer, and the automatic masks' own figures) and every figure, it prints the first report's figure,
-the second's, their difference and the difference's 95% paired-bootstrap interval: a difference whose
+    python -m ddsedit.shapes.compare runs/a/report.json --baseline dds   # each method against DDS, same cases
+
+For every run both reports hold (every method, masked-dds-auto, DDS started at the right answer, and
+the automatic masks' own figures) and every figure, it prints the first report's figure, the
+second's, their difference and the difference's 95% paired-bootstrap interval: a difference whose
 interval holds 0 is not shown to be real by these cases. Nothing is edited, so it takes a second.
 Both reports must have been run on the same cases (the same ``--cases`` and ``--seed``); their
 settings may differ.
@@ -96,6 +98,31 @@ def compare_reports(first: dict[str, Any], second: dict[str, Any]) -> list[Figur
     return rows
 
 
+def compare_methods(report: dict[str, Any], baseline: str) -> list[FigureComparison]:
+    """Every other method of one report against ``baseline`` (e.g. dds), case by case on its cases.
+
+    Raises:
+        InputError: the report has no ``baseline`` run.
+    """
+    runs = report["case_scores"]
+    if baseline not in runs:
+        raise InputError(f"the report has no {baseline} run (it has {', '.join(runs)})")
+    rows = []
+    base_index, backgrounds, base_scores = _scores(runs[baseline])
+    base_figures = figure_values(backgrounds, base_scores)
+    for run, records in runs.items():
+        if run in (baseline, "held", AUTO_MASK_FIGURES):  # not a method's edits
+            continue
+        index, _, run_scores = _scores(records)
+        if index != base_index:
+            raise InputError(f"the report's {run} and {baseline} runs hold different cases")
+        for figure, (values, statistic) in figure_values(backgrounds, run_scores).items():
+            base_values = base_figures[figure][0]
+            difference, low, high = paired_difference(base_values, values, statistic)
+            rows.append(FigureComparison(run, figure, statistic(base_values), statistic(values), difference, low, high))
+    return rows
+
+
 def format_comparison(rows: list[FigureComparison], first: str, second: str) -> str:
     """A markdown table: one line per run and figure."""
     lines = [
@@ -115,14 +142,25 @@ def format_comparison(rows: list[FigureComparison], first: str, second: str) -> 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ddsedit.shapes.compare", description=__doc__.split("\n")[0])
     parser.add_argument("first", type=Path, help="report.json of the baseline")
-    parser.add_argument("second", type=Path, help="report.json of the candidate, run on the same cases")
+    parser.add_argument(
+        "second", type=Path, nargs="?", help="report.json of the candidate, run on the same cases (or --baseline)"
+    )
+    parser.add_argument(
+        "--baseline", help="with one report: compare each of its methods against this one (e.g. dds), case by case"
+    )
     args = parser.parse_args(argv)
+    if (args.second is None) == (args.baseline is None):
+        parser.error("give a second report, or --baseline METHOD to compare the methods of one report")
     try:
-        rows = compare_reports(load_report(args.first), load_report(args.second))
+        if args.second is not None:
+            rows = compare_reports(load_report(args.first), load_report(args.second))
+            print(format_comparison(rows, str(args.first), str(args.second)))
+        else:
+            rows = compare_methods(load_report(args.first), args.baseline)
+            print(format_comparison(rows, f"{args.baseline} in {args.first}", "each run in the same report"))
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    print(format_comparison(rows, str(args.first), str(args.second)))
 
 
 if __name__ == "__main__":
