@@ -43,8 +43,12 @@ SAME_PROMPTS_MESSAGE = "the prompts --ref and --query say the same thing to the 
 
 @dataclass(frozen=True)
 class AutoMaskSettings:
-    """How an automatic mask is drawn. The defaults are DiffEdit's; ``grow`` 0 (no growth, as DiffEdit) was
-    measured best on the shapes eval (README, "Automatic masks").
+    """How an automatic mask is drawn. The defaults are DiffEdit's, and a growth that DiffEdit has not.
+
+    ``grow`` 2 px is the paste-back seam's default width (``EditConfig.feather``): the seam blends the source
+    back in over that many pixels inside the mask, and a mask that ends at the object's edge leaves a rim of
+    the old colour there. Measured on the shapes eval (README, "Automatic masks"): growing by 2 px cut the old
+    colour left from 2.0% to 0.2% of the shape; the IoU differences against no growth were not settled.
 
     ``strength``: how far the source is noised, as a fraction of a 50-step DDIM grid (0.5: t = 481);
     ``noises``: how many noise draws the map averages; ``threshold``: a latent cell is editable where the
@@ -56,7 +60,7 @@ class AutoMaskSettings:
     strength: float = 0.5
     noises: int = 10
     threshold: float = 1.5
-    grow: int = 0
+    grow: int = 2
     seed: int | None = None
     chunk_size: int = 8
 

@@ -118,7 +118,7 @@ MaskThresholdOption = Annotated[
 MaskGrowOption = Annotated[
     int | None,
     typer.Option(
-        "--mask-grow", help="Automatic mask: pixels to grow it by, at the source's size [default: 0].",
+        "--mask-grow", help="Automatic mask: pixels to grow it by, at the source's size [default: 2].",
         show_default=False,
     ),
 ]  # fmt: skip
