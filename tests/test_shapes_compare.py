@@ -57,6 +57,30 @@ def test_bad_report_files_are_one_line_errors(tmp_path: Path, capsys: pytest.Cap
     assert "| dds | recolour_rate | 1.000 | 1.000 | +0.000 |" in capsys.readouterr().out
 
 
+def test_automatic_mask_figures_are_compared_too(tmp_path: Path) -> None:
+    cases = evaluate.recolour_cases(4, seed=0)
+
+    def written(name: str, coverage: float) -> Path:
+        report = evaluate.Report(cases=4, seed=0)
+        scores = [evaluate.MaskScore(coverage=coverage, precision=0.9, dots_covered=0.0) for _ in cases]
+        report.case_scores[evaluate.AUTO_MASK_FIGURES] = [
+            {"index": case.index, "background": case.source.background, **asdict(score)}
+            for case, score in zip(cases, scores, strict=True)
+        ]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(asdict(report)))
+        return path
+
+    rows = compare.compare_reports(compare.load_report(written("a", 0.9)), compare.load_report(written("b", 1.0)))
+    by_figure = {row.figure: row for row in rows if row.run == "auto-mask"}
+    assert by_figure["coverage_median_white"].difference == pytest.approx(0.1)
+    assert by_figure["precision_median_black"].difference == 0.0
+    with_dds = json.loads(written("c", 0.9).read_text())
+    dds_report = json.loads(_report(tmp_path, "d", [0.5, 0.6, 0.7, 0.8]).read_text())
+    with_dds["case_scores"]["dds"] = dds_report["case_scores"]["dds"]
+    assert compare.compare_methods(with_dds, "dds") == []  # the masks' scores are not a method's edits
+
+
 def test_methods_of_one_report_are_compared_against_a_baseline(tmp_path: Path, capsys) -> None:
     ious = [0.9, 0.5, 0.8, 0.6, 0.85, 0.4, 0.95, 0.7]
     path = _report(tmp_path, "a", ious)

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from ddsedit import __version__
 from ddsedit.errors import DDSEditError, InputError
-from ddsedit.names import METHODS
+from ddsedit.names import MASKED_METHOD, METHODS
 
 app = typer.Typer(
     name="ddsedit",
@@ -94,6 +94,38 @@ PredictionTypeOption = Annotated[
 CudaGraphOption = Annotated[
     bool, typer.Option("--cuda-graph", help="Record one step as a CUDA graph and replay it (CUDA only).")
 ]
+# The automatic mask's settings (--mask auto, `ddsedit mask`, batch rows whose mask is auto, eval-shapes).
+MaskStrengthOption = Annotated[
+    float | None,
+    typer.Option(
+        "--mask-strength",
+        help="Automatic mask: how far the source is noised, as a fraction of a 50-step DDIM grid [default: 0.5].",
+        show_default=False,
+    ),
+]
+MaskNoisesOption = Annotated[
+    int | None,
+    typer.Option("--mask-noises", help="Automatic mask: noise draws averaged [default: 10].", show_default=False),
+]
+MaskThresholdOption = Annotated[
+    float | None,
+    typer.Option(
+        "--mask-threshold",
+        help="Automatic mask: editable where the prediction difference exceeds this times its mean [default: 1.5].",
+        show_default=False,
+    ),
+]
+MaskGrowOption = Annotated[
+    int | None,
+    typer.Option(
+        "--mask-grow", help="Automatic mask: pixels to grow it by, at the source's size [default: 2].",
+        show_default=False,
+    ),
+]  # fmt: skip
+# What eval-shapes --methods may name: ddsedit.shapes.evaluate.RUNS, without importing torch.
+EVAL_RUNS = (*METHODS, f"{MASKED_METHOD}-auto")
+# Parameters of the edit template that only make sense with --mask (left out with it).
+MASK_ONLY_PARAMETERS = ("mask_strength", "mask_noises", "mask_threshold", "mask_grow", "save_mask")
 
 
 def _version_callback(value: bool) -> None:
@@ -134,8 +166,20 @@ def _edit_template(
     ],
     ref: Annotated[str, typer.Option("--ref", help="What the source image shows.", show_default=False)] = "",
     mask: Annotated[
+        str | None,
+        typer.Option(
+            "--mask",
+            help="Mask image: white = editable, black = kept; or auto: drawn from --ref and --query (DiffEdit).",
+            show_default=False,
+        ),
+    ] = None,
+    mask_strength: MaskStrengthOption = None,
+    mask_noises: MaskNoisesOption = None,
+    mask_threshold: MaskThresholdOption = None,
+    mask_grow: MaskGrowOption = None,
+    save_mask: Annotated[
         Path | None,
-        typer.Option("--mask", help="Mask image: white = editable, black = kept.", show_default=False),
+        typer.Option("--save-mask", help="Also write the mask the edit used (e.g. --mask auto's).", show_default=False),
     ] = None,
     start: Annotated[
         Path | None,
@@ -286,7 +330,9 @@ def run_edit(method: str, **options) -> None:
 
 
 def _run_edit(
-    method: str, *, src: Path, query: str, ref: str = "", mask: Path | None = None,
+    method: str, *, src: Path, query: str, ref: str = "", mask: str | None = None,
+    mask_strength: float | None = None, mask_noises: int | None = None, mask_threshold: float | None = None,
+    mask_grow: int | None = None, save_mask: Path | None = None,
     start: Path | None = None, output: Path | None = None,
     model: str | None, device: str, dtype: str, steps: int | None, guidance: float | None, lr: float | None,
     t_min: int | None, t_max: int | None, seed: int | None, negative: str | None, size: int | None,
@@ -305,6 +351,7 @@ def _run_edit(
     check_prediction_type(prediction_type)
     if save_every is not None and frames is None and animation is None:
         raise InputError("--save-every needs --frames DIR or --animation FILE.gif")
+    auto_mask = _auto_mask_settings(mask, ref, query, mask_strength, mask_noises, mask_threshold, mask_grow)
     if method != "sds" and ref.strip() == query.strip() and not quiet:
         stderr.print("[yellow]warning:[/] --ref and --query are the same: the edit will barely change the image")
     overrides = dict(
@@ -317,7 +364,7 @@ def _run_edit(
     imageio.load_image(src)
     if method == MASKED_METHOD and mask is None:
         raise InputError("masked-dds needs --mask (white = editable)")
-    if mask is not None and method in (MASKED_METHOD, *MASK_OPTIONAL_METHODS):
+    if mask is not None and method in (MASKED_METHOD, *MASK_OPTIONAL_METHODS) and auto_mask is None:
         imageio.load_mask(mask, imageio.load_image(src).size)
     if start is not None:
         imageio.check_start_size(imageio.load_image(start, "start image"), imageio.load_image(src))
@@ -325,6 +372,7 @@ def _run_edit(
         output = imageio.default_output_path(src, method, directory=output)
     output_path = imageio.check_output_suffix(output or imageio.default_output_path(src, method), "-o")
     imageio.check_output_path(output_path, overwrite)
+    _check_save_mask(save_mask, mask, output_path, overwrite)
     if animation is not None:
         if animation.suffix.lower() != ".gif":
             raise InputError(f"--animation must name a .gif file, got {animation}")
@@ -354,7 +402,7 @@ def _run_edit(
     if frames is not None:
         frames.mkdir(parents=True, exist_ok=True)
     with _progress(quiet, method) as on_progress:
-        result = editor.edit(src, method, query=query, ref=ref, mask=mask, config=config,
+        result = editor.edit(src, method, query=query, ref=ref, mask=auto_mask or mask, config=config,
                              on_progress=on_progress, start=start)  # fmt: skip
     if result.nonfinite_steps:
         stderr.print(
@@ -368,7 +416,58 @@ def _run_edit(
     if animation is not None:
         imageio.save_gif([frame for _, frame in result.frames], animation, overwrite=overwrite)
     written = save_result(result, output_path, overwrite=overwrite)
+    if save_mask is not None and result.mask is not None:
+        imageio.save_image(result.mask, save_mask, _mask_metadata(result.parameters), overwrite=overwrite)
+        if not quiet:
+            stderr.print(f"mask: {save_mask}", markup=False)
     typer.echo(str(written))
+
+
+def _auto_mask_settings(
+    mask: str | None, ref: str, query: str, strength: float | None, noises: int | None, threshold: float | None,
+    grow: int | None,
+):  # fmt: skip
+    """The checked settings of ``--mask auto`` (an AutoMaskSettings), or None for a mask file.
+
+    The --mask-* flags need --mask auto, and the prompts must differ: otherwise no mask can be drawn.
+    """
+    from ddsedit.automask import AUTO_MASK, SAME_PROMPTS_MESSAGE, AutoMaskSettings
+
+    flags = {"--mask-strength": strength, "--mask-noises": noises, "--mask-threshold": threshold, "--mask-grow": grow}
+    if mask != AUTO_MASK:
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given:
+            raise InputError(f"{given[0]} sets the automatic mask: it needs --mask auto")
+        return None
+    settings = AutoMaskSettings().replace(strength=strength, noises=noises, threshold=threshold, grow=grow)
+    settings.validate()
+    if ref.strip() == query.strip():
+        raise InputError(SAME_PROMPTS_MESSAGE)
+    return settings
+
+
+def _check_save_mask(save_mask: Path | None, mask: str | None, output_path: Path, overwrite: bool) -> None:
+    """``--save-mask``: a mask to save, a format ddsedit writes, not the edit's own output, writable."""
+    from ddsedit import imageio
+
+    if save_mask is None:
+        return
+    if mask is None:
+        raise InputError("--save-mask needs --mask (a file, or auto)")
+    imageio.check_output_suffix(save_mask, "--save-mask")
+    if save_mask.resolve() == output_path.resolve():
+        raise InputError(f"--save-mask and -o name the same file: {save_mask}")
+    imageio.check_output_path(save_mask, overwrite)
+
+
+def _mask_metadata(parameters: dict) -> dict[str, str]:
+    """Text for a saved mask: how it was drawn (an automatic mask's settings) and for which edit."""
+    import json
+
+    keys = ("ref", "query", "mask", "mask_strength", "mask_noises", "mask_threshold", "mask_grow", "mask_seed",
+            "working_size", "model", "prediction_type", "source_sha256", "mask_sha256", "ddsedit_version")  # fmt: skip
+    recorded = {key: parameters[key] for key in keys if key in parameters}
+    return {**{key: str(value) for key, value in recorded.items()}, "ddsedit": json.dumps(recorded, sort_keys=True)}
 
 
 class _progress:
@@ -409,6 +508,8 @@ def _register(method: str, without: tuple[str, ...], required: tuple[str, ...] =
         run_edit(method, **options)
 
     template = inspect.signature(_edit_template)
+    if "mask" in without:
+        without = (*without, *MASK_ONLY_PARAMETERS)  # a command without --mask has no mask to draw or save
     command.__signature__ = template.replace(  # type: ignore[attr-defined]
         parameters=[
             p.replace(default=inspect.Parameter.empty) if p.name in required else p
@@ -439,6 +540,102 @@ def _method_overrides(options: dict[str, object]) -> dict[str, object]:
         except ValueError:
             raise InputError(f"--cut-patch-sizes must be comma-separated integers, got {sizes!r}") from None
     return overrides
+
+
+@app.command("mask", no_args_is_help=True)
+def mask_command(
+    src: Annotated[Path, typer.Option("--src", help="Source image.", show_default=False)],
+    ref: Annotated[str, typer.Option("--ref", help="What the source image shows.", show_default=False)],
+    query: Annotated[str, typer.Option("--query", help="What the edited image should show.", show_default=False)],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "-o", "--output", help="Mask file (.png, .jpg/.jpeg or .webp). Default: ./<source stem>.mask.png",
+            show_default=False,
+        ),
+    ] = None,
+    model: ModelOption = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    dtype: DtypeOption = "auto",
+    size: SizeOption = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            "--seed", help="Seed of the noise draws. Default: random, recorded in the PNG.", show_default=False
+        ),
+    ] = None,
+    mask_strength: MaskStrengthOption = None,
+    mask_noises: MaskNoisesOption = None,
+    mask_threshold: MaskThresholdOption = None,
+    mask_grow: MaskGrowOption = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing mask file.")] = False,
+    allow_pickle: AllowPickleOption = False,
+    prediction_type: PredictionTypeOption = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No notes; errors only.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show library warnings and tracebacks.")] = False,
+) -> None:  # fmt: skip
+    """Draw the mask of an edit from the prompts alone (DiffEdit): white where --ref and --query make the model's
+    noise predictions differ, at the source's size. Pass it back to masked-dds with --mask FILE."""
+    try:
+        _run_mask(src, ref, query, output, model, device, dtype, size, seed,
+                  dict(strength=mask_strength, noises=mask_noises, threshold=mask_threshold, grow=mask_grow),
+                  overwrite, allow_pickle, prediction_type, quiet, verbose)  # fmt: skip
+    except KeyboardInterrupt:
+        stderr.print("interrupted: no output written")
+        raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except Exception as error:  # noqa: BLE001 - the CLI's contract is one line, never a traceback
+        raise _fail(error, verbose) from None
+
+
+def _run_mask(
+    src: Path, ref: str, query: str, output: Path | None, model: str | None, device: str, dtype: str,
+    size: int | None, seed: int | None, flags: dict, overwrite: bool, allow_pickle: bool,
+    prediction_type: str | None, quiet: bool, verbose: bool,
+) -> None:  # fmt: skip
+    """``ddsedit mask``: every cheap check, then load the model, draw the mask and write it atomically."""
+    import json
+    import random
+
+    from ddsedit import __version__, imageio
+    from ddsedit.checks import check_prediction_type, check_prompts
+    from ddsedit.names import MASKED_METHOD
+    from ddsedit.settings import EditConfig
+
+    check_prompts(MASKED_METHOD, query, ref)
+    check_prediction_type(prediction_type)
+    settings = _auto_mask_settings("auto", ref, query, **flags)
+    settings = settings.replace(seed=seed if seed is not None else random.SystemRandom().randrange(2**31))
+    settings.validate()
+    EditConfig().replace(size=size).validate()
+    source = imageio.load_image(src)
+    if output is not None and output.is_dir():
+        output = output / f"{src.stem}.mask.png"
+    output_path = imageio.check_output_suffix(output or Path.cwd() / f"{src.stem}.mask.png", "-o")
+    imageio.check_output_path(output_path, overwrite)
+
+    from ddsedit.loading import quiet_third_party_output
+
+    quiet_third_party_output(verbose)
+    from ddsedit.editor import Editor
+
+    with stderr.status("loading model...", spinner="dots") if not quiet else contextlib.nullcontext():
+        editor = Editor.from_pretrained(
+            model, device=device, dtype=dtype, allow_pickle=allow_pickle, prediction_type=prediction_type,
+            keep_text_encoder=False,
+        )  # fmt: skip
+    longest_side = editor.config(size=size).size
+    mask = editor.auto_mask(source, ref=ref, query=query, settings=settings, size=longest_side)
+    recorded = {
+        "ref": ref, "query": query, **settings.recorded(), "size": longest_side,
+        "model": editor.components.identity or editor.components.source,
+        "prediction_type": editor.components.prediction_type, "source_sha256": imageio.file_sha256(src),
+        "ddsedit_version": __version__,
+    }  # fmt: skip
+    metadata = {**{key: str(value) for key, value in recorded.items()}, "ddsedit": json.dumps(recorded, sort_keys=True)}
+    written = imageio.save_image(mask, output_path, metadata, overwrite=overwrite)
+    typer.echo(str(written))
 
 
 @app.command("models")
@@ -507,9 +704,15 @@ def eval_shapes_command(
     methods: Annotated[
         str,
         typer.Option(
-            "--methods", help="Comma-separated methods to run on the recolour cases: a subset screens a model faster."
+            "--methods",
+            help="Comma-separated methods to run on the recolour cases (masked-dds-auto: masked DDS with --mask auto, "
+            "whose masks are scored too): a subset screens a model faster.",
         ),
-    ] = ",".join(METHODS),
+    ] = ",".join(EVAL_RUNS),
+    mask_strength: MaskStrengthOption = None,
+    mask_noises: MaskNoisesOption = None,
+    mask_threshold: MaskThresholdOption = None,
+    mask_grow: MaskGrowOption = None,
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Where report.json and grid.png go.")] = Path(
         "shapes-eval"
     ),
@@ -525,12 +728,18 @@ def eval_shapes_command(
 
     stdout: the table (markdown); stderr: progress (a bar in a terminal, else a line per batch).
     """
+    from ddsedit.automask import AutoMaskSettings
+
     try:
         if cases < 2 or swaps < 0 or batch_size < 1:
             raise InputError("--cases must be >= 2, --swaps >= 0 and --batch-size >= 1")
         chosen = tuple(dict.fromkeys(m.strip() for m in methods.split(",") if m.strip()))
-        if not chosen or any(m not in METHODS for m in chosen):
-            raise InputError(f"--methods must be some of {', '.join(METHODS)} (comma-separated), got {methods!r}")
+        if not chosen or any(m not in EVAL_RUNS for m in chosen):
+            raise InputError(f"--methods must be some of {', '.join(EVAL_RUNS)} (comma-separated), got {methods!r}")
+        mask_settings = AutoMaskSettings().replace(
+            strength=mask_strength, noises=mask_noises, threshold=mask_threshold, grow=mask_grow
+        )
+        mask_settings.validate()
         existing = [out_dir / name for name in ("report.json", "grid.png") if (out_dir / name).exists()]
         if existing and not overwrite:
             raise InputError(f"{existing[0]} exists: pass --overwrite to replace it, or another --out-dir")
@@ -551,7 +760,8 @@ def eval_shapes_command(
         stderr.print(f"eval-shapes: {total} edits of {config.steps} steps on {editor.device.type}", markup=False)
         with _EvalProgress(total) as on_progress:
             report, picture = evaluate(editor, cases, seed, overrides, swaps=swaps, batch_size=batch_size,
-                                       hold=hold, methods=chosen, on_progress=on_progress)  # fmt: skip
+                                       hold=hold, methods=chosen, on_progress=on_progress,
+                                       mask_settings=mask_settings)  # fmt: skip
         json_path, grid_path = write_report(report, picture, out_dir, overwrite=overwrite)
     except typer.Exit:
         raise
@@ -635,8 +845,8 @@ def batch_command(
     manifest: Annotated[
         Path,
         typer.Argument(
-            help="JSONL or CSV manifest, one edit a row: src, query, and optionally ref, method, mask, seed, "
-            "steps, guidance, lr, out. Paths are relative to the manifest's folder.",
+            help="JSONL or CSV manifest, one edit a row: src, query, and optionally ref, method, mask (a file, or "
+            "auto), seed, steps, guidance, lr, out. Paths are relative to the manifest's folder.",
             show_default=False,
         ),
     ],
@@ -683,6 +893,10 @@ def batch_command(
     allow_pickle: AllowPickleOption = False,
     prediction_type: PredictionTypeOption = None,
     cuda_graph: CudaGraphOption = False,
+    mask_strength: MaskStrengthOption = None,
+    mask_noises: MaskNoisesOption = None,
+    mask_threshold: MaskThresholdOption = None,
+    mask_grow: MaskGrowOption = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bars or summary; errors only.")
     ] = False,
@@ -708,7 +922,8 @@ def batch_command(
             guidance=guidance, lr=lr, t_min=t_min, t_max=t_max, seed=seed, negative=negative, size=size,
             batch_size=batch_size, processes=processes, skip_invalid=skip_invalid, overwrite=overwrite,
             allow_pickle=allow_pickle, prediction_type=prediction_type, cuda_graph=cuda_graph, quiet=quiet,
-            verbose=verbose,
+            verbose=verbose, mask_strength=mask_strength, mask_noises=mask_noises, mask_threshold=mask_threshold,
+            mask_grow=mask_grow,
         )  # fmt: skip
         exit_code = run_batch(options, console=stderr, emit=typer.echo)
     except KeyboardInterrupt:

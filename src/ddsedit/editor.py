@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ddsedit import __version__, imageio
+from ddsedit import __version__, automask, imageio
+from ddsedit.automask import AutoMaskSettings
 from ddsedit.checks import check_prompts
 from ddsedit.errors import DDSEditError, InputError
 from ddsedit.loading import ModelComponents, load_model, resolve_device
@@ -33,6 +34,7 @@ from ddsedit.settings import METHOD_FIELDS, EditConfig, resolve_config
 __all__ = ["EditConfig", "EditRequest", "EditResult", "Editor", "edit_parameters", "save_result", "webui_parameters"]
 
 ImageLike = str | os.PathLike | Image.Image
+MaskLike = ImageLike | AutoMaskSettings  # a mask image or path, "auto", or how to draw it
 ProgressCallback = Callable[[int, int], None]
 
 
@@ -44,6 +46,7 @@ class EditResult:
     parameters: dict[str, Any]
     frames: list[tuple[int, Image.Image]] = field(default_factory=list)  # (step, decoded image)
     nonfinite_steps: int = 0  # steps whose gradient had NaN or inf elements (treated as 0)
+    mask: Image.Image | None = None  # the binary mask the edit used (white = editable), at the source's size
 
     def metadata(self) -> dict[str, str]:
         """Text for the output file: each parameter, all of them as JSON under ``ddsedit``, and
@@ -80,6 +83,12 @@ def webui_parameters(parameters: dict[str, Any], size: tuple[int, int]) -> str:
     )
     if "feather" in parameters:
         fields.update({"Paste back": parameters["paste_back"], "Feather": parameters["feather"]})
+    if parameters.get("mask") == automask.AUTO_MASK:
+        fields.update({
+            "Mask": "auto", "Mask strength": parameters["mask_strength"], "Mask noises": parameters["mask_noises"],
+            "Mask threshold": parameters["mask_threshold"], "Mask grow": parameters["mask_grow"],
+            "Mask seed": parameters["mask_seed"],
+        })  # fmt: skip
     fields["Version"] = f"ddsedit {parameters.get('ddsedit_version', __version__)}"
     lines = [str(parameters["query"])]
     if parameters.get("negative"):
@@ -90,11 +99,13 @@ def webui_parameters(parameters: dict[str, Any], size: tuple[int, int]) -> str:
 
 
 def edit_parameters(
-    method: str, ref: str, query: str, seed: int, config: EditConfig, masked: bool = False
+    method: str, ref: str, query: str, seed: int, config: EditConfig, masked: bool = False,
+    auto_mask: AutoMaskSettings | None = None,
 ) -> dict[str, Any]:
     """What decides an edit's result, as its output's metadata records it (batch resume compares these).
 
-    ``masked``: a mask was given (masked-dds always has one; cds, pds and ids may).
+    ``masked``: a mask was given (masked-dds always has one; cds, pds and ids may). ``auto_mask`` (its
+    seed set): the settings of an automatic mask, recorded as ``mask: auto`` and ``mask_*``.
     """
     parameters: dict[str, Any] = {
         "method": method,
@@ -112,6 +123,8 @@ def edit_parameters(
     parameters.update(config.method_fields(method))
     if method == MASKED_METHOD or masked:
         parameters.update(paste_back=config.paste_back, feather=config.feather)
+    if auto_mask is not None:
+        parameters.update(auto_mask.recorded())
     return parameters
 
 
@@ -126,7 +139,7 @@ class EditRequest:
     image: ImageLike
     query: str
     ref: str | None = None
-    mask: ImageLike | None = None
+    mask: ImageLike | AutoMaskSettings | None = None  # "auto" or AutoMaskSettings: drawn from the prompts
     seed: int | None = None  # None: the config's seed (or a random one)
     start: ImageLike | None = None
     # SHA-256 of the source and mask files, recorded in the output (computed here when they are paths;
@@ -149,6 +162,7 @@ class _Prepared:
     start_label: str | None = None  # what the metadata records as the start: a path, or "image"
     source_sha256: str | None = None
     mask_sha256: str | None = None
+    auto_mask: AutoMaskSettings | None = None  # how the mask was drawn, when automatic (its seed set)
 
 
 def _load_rgb(image: ImageLike) -> Image.Image:
@@ -283,7 +297,7 @@ class Editor:
         method: str,
         query: str,
         ref: str | None = None,
-        mask: ImageLike | None = None,
+        mask: ImageLike | AutoMaskSettings | None = None,
         config: EditConfig | None = None,
         on_progress: ProgressCallback | None = None,
         start: ImageLike | None = None,
@@ -292,8 +306,9 @@ class Editor:
 
         ``method`` is one of ``sds``, ``dds``, ``masked-dds``, ``cds``, ``pds``, ``ids``; ``ref``
         describes the source image (needed by all but sds), ``query`` the wanted result; ``mask``
-        (white = editable) is needed by ``masked-dds`` and optional for cds, pds and ids.
-        ``on_progress(step, steps)`` is called after each step.
+        (white = editable) is needed by ``masked-dds`` and optional for cds, pds and ids: an image,
+        a path, or ``"auto"`` (or an :class:`~ddsedit.automask.AutoMaskSettings`) to draw it from the
+        prompts with the edit's seed. ``on_progress(step, steps)`` is called after each step.
         ``start`` (same size as ``image``) starts the optimisation from another image, e.g. an
         earlier result to continue, while ``image`` stays the source DDS compares against.
         """
@@ -402,15 +417,18 @@ class Editor:
         ref = (request.ref or "") if method in METHODS_WITH_REF else ""
         source = _load_rgb(request.image)
         binary_mask = None
+        auto_mask = None  # an automatic mask is drawn below, once the seed and the working size are known
         if method == MASKED_METHOD and request.mask is None:
             raise InputError("masked-dds needs a --mask (white = editable)")
         if request.mask is not None and method not in (MASKED_METHOD, *MASK_OPTIONAL_METHODS):
             raise InputError(f"{method} takes no mask: use masked-dds, or one of {', '.join(MASK_OPTIONAL_METHODS)}")
         if request.mask is not None:
+            auto_mask = automask.requested_settings(request.mask)
             mask = request.mask
-            if not isinstance(mask, Image.Image):
+            if auto_mask is None and not isinstance(mask, Image.Image):
                 mask = imageio.load_image(mask, what="mask", background=imageio.BLACK)
-            binary_mask = imageio.binarize_mask(mask, source.size)
+            if auto_mask is None:
+                binary_mask = imageio.binarize_mask(mask, source.size)
         seed = request.seed if request.seed is not None else config.seed
         if seed is None:
             seed = random.SystemRandom().randrange(2**31)
@@ -423,16 +441,19 @@ class Editor:
             imageio.check_start_size(start, source)
         stride = self.components.vae_scale_factor
         working = imageio.working_size(source.width, source.height, config.size, stride)
+        if auto_mask is not None:
+            auto_mask = auto_mask.replace(seed=seed) if auto_mask.seed is None else auto_mask  # the edit's seed
+            binary_mask = self._draw_auto_mask(source, ref, query, auto_mask, working, config.negative)
         source_sha256 = request.source_sha256
         if source_sha256 is None and not isinstance(request.image, Image.Image):
             source_sha256 = imageio.file_sha256(request.image)
         mask_sha256 = None
-        if binary_mask is not None:
+        if binary_mask is not None and auto_mask is None:
             mask_sha256 = request.mask_sha256
             if mask_sha256 is None and not isinstance(request.mask, Image.Image):
                 mask_sha256 = imageio.file_sha256(request.mask)
         return _Prepared(source, query, ref, binary_mask, seed, working, start, start_label, source_sha256,
-                         mask_sha256)  # fmt: skip
+                         mask_sha256, auto_mask)  # fmt: skip
 
     def _finish(
         self, item: _Prepared, edited: Image.Image, method: str, config: EditConfig,
@@ -448,7 +469,8 @@ class Editor:
                 source = source.resize(edited.size, Image.Resampling.LANCZOS)
             edited = imageio.paste_back(edited, source, item.mask, config.feather)
         parameters = {
-            **edit_parameters(method, item.ref, item.query, item.seed, config, masked=item.mask is not None),
+            **edit_parameters(method, item.ref, item.query, item.seed, config, masked=item.mask is not None,
+                              auto_mask=item.auto_mask),
             "working_size": f"{item.working_size[0]}x{item.working_size[1]}",
             "model": self.components.identity or self.components.source,
             "prediction_type": self.components.prediction_type,
@@ -462,7 +484,62 @@ class Editor:
         if item.mask_sha256 is not None:
             parameters["mask_sha256"] = item.mask_sha256
         edited.info.update({key: str(value) for key, value in parameters.items()})
-        return EditResult(image=edited, parameters=parameters, frames=frames)
+        return EditResult(image=edited, parameters=parameters, frames=frames, mask=item.mask)
+
+    # ------------------------------------------------------------------ automatic masks
+
+    def auto_mask(
+        self, image: ImageLike, ref: str, query: str, settings: AutoMaskSettings | None = None,
+        size: int | None = None, **overrides: Any,
+    ) -> Image.Image:  # fmt: skip
+        """A mask drawn from the prompts alone (DiffEdit): where the noise predictions under ``ref`` and
+        ``query`` differ. Returns a mode "L" image at the source's size, 255 = editable, whose ``info``
+        records the settings and the seed.
+
+        ``settings`` (or ``overrides``: strength, noises, threshold, grow, seed, chunk_size) are
+        :class:`~ddsedit.automask.AutoMaskSettings`; without a seed a random one is drawn. ``size`` is
+        the longest side of the working image (default: the model's working size, as edits use).
+
+        Raises:
+            InputError: empty prompts, prompts that say the same thing (no mask can be drawn), or a
+                mask that would be empty or cover the whole image.
+        """
+        settings = (settings or AutoMaskSettings()).replace(**overrides)
+        if settings.seed is None:
+            settings = settings.replace(seed=random.SystemRandom().randrange(2**31))
+        settings.validate()
+        source = _load_rgb(image)
+        longest_side = size or self.config().size
+        working = imageio.working_size(source.width, source.height, longest_side, self.components.vae_scale_factor)
+        mask = self._draw_auto_mask(source, ref, query, settings, working)
+        mask.info.update({key: str(value) for key, value in settings.recorded().items()})
+        return mask
+
+    def _draw_auto_mask(
+        self, source: Image.Image, ref: str, query: str, settings: AutoMaskSettings, working: tuple[int, int],
+        negative: str = "",
+    ) -> Image.Image:  # fmt: skip
+        """The automatic mask of ``source`` at its size, its noise predictions made at the ``working`` size.
+
+        ``negative`` plays no part in the mask (the unconditional prediction cancels), but the edit that
+        follows needs it: it is encoded with the prompts, so that a text encoder freed after this first
+        encoding (``keep_text_encoder=False``) has served the whole edit.
+        """
+        check_prompts("masked-dds", query, ref)
+        settings.validate()
+        if ref.strip() == query.strip():
+            raise InputError(automask.SAME_PROMPTS_MESSAGE)
+        assert settings.seed is not None  # callers resolve it, so that it can be recorded
+        latents = self.encode_image(imageio.image_to_tensor(source, working))
+        embeddings = self.encode_prompts([ref, query, negative])
+        generator = torch.Generator(device=self.device).manual_seed(settings.seed)
+        ref_epsilon, query_epsilon = automask.noise_predictions(
+            self.components.unet, latents, embeddings[0:1], embeddings[1:2],
+            automask.strength_timestep(settings.strength, self.components.num_train_timesteps),
+            self.components.alphas_cumprod, self.components.prediction_type, settings.noises, generator,
+            settings.chunk_size,
+        )  # fmt: skip
+        return automask.mask_from_predictions(ref_epsilon, query_epsilon, settings, source.size)
 
     def sds(self, image: ImageLike, query: str, **settings: Any) -> Image.Image:
         """SDS edit: pull the image toward ``query``. ``settings`` are :class:`EditConfig` fields."""
@@ -472,26 +549,29 @@ class Editor:
         """DDS edit: change what ``ref`` says into what ``query`` says, keeping the rest."""
         return self.edit(image, "dds", query=query, ref=ref, config=self.config(**settings)).image
 
-    def masked_dds(self, image: ImageLike, mask: ImageLike, ref: str, query: str, **settings: Any) -> Image.Image:
-        """DDS confined to ``mask`` (white = editable); outside it the source is kept."""
+    def masked_dds(
+        self, image: ImageLike, mask: ImageLike | AutoMaskSettings, ref: str, query: str, **settings: Any
+    ) -> Image.Image:
+        """DDS confined to ``mask`` (white = editable; ``"auto"``: drawn from the prompts); outside it the source
+        is kept."""
         return self.edit(
             image, "masked-dds", query=query, ref=ref, mask=mask, config=self.config("masked-dds", **settings)
         ).image
 
-    def cds(self, image: ImageLike, ref: str, query: str, mask: ImageLike | None = None, **settings: Any):
+    def cds(self, image: ImageLike, ref: str, query: str, mask: MaskLike | None = None, **settings: Any):
         """CDS edit: DDS plus a contrastive term that keeps the source's structure patch by patch."""
         return self._edit_image("cds", image, ref, query, mask, settings)
 
-    def pds(self, image: ImageLike, ref: str, query: str, mask: ImageLike | None = None, **settings: Any):
+    def pds(self, image: ImageLike, ref: str, query: str, mask: MaskLike | None = None, **settings: Any):
         """PDS edit: match the target's posterior samples to the source's."""
         return self._edit_image("pds", image, ref, query, mask, settings)
 
-    def ids(self, image: ImageLike, ref: str, query: str, mask: ImageLike | None = None, **settings: Any):
+    def ids(self, image: ImageLike, ref: str, query: str, mask: MaskLike | None = None, **settings: Any):
         """IDS edit: DDS with the source branch's noise corrected so that it predicts the source again."""
         return self._edit_image("ids", image, ref, query, mask, settings)
 
     def _edit_image(
-        self, method: str, image: ImageLike, ref: str, query: str, mask: ImageLike | None, settings: dict[str, Any]
+        self, method: str, image: ImageLike, ref: str, query: str, mask: MaskLike | None, settings: dict[str, Any]
     ) -> Image.Image:
         config = self.config(method, **settings)
         return self.edit(image, method, query=query, ref=ref, mask=mask, config=config).image

@@ -1,8 +1,8 @@
 """Batch manifests: read a JSONL or CSV manifest and check every row, without torch.
 
-Each row names ``src``, ``query`` and optionally ``ref``, ``method``, ``mask``, ``seed``,
-``steps``, ``guidance``, ``lr`` and ``out``; paths are relative to the manifest's folder,
-absent columns take the command-line defaults; ``out`` is a file name ending in one of
+Each row names ``src``, ``query`` and optionally ``ref``, ``method``, ``mask`` (a file, or ``auto``:
+drawn from the prompts), ``seed``, ``steps``, ``guidance``, ``lr`` and ``out``; paths are relative to
+the manifest's folder, absent columns take the command-line defaults; ``out`` is a file name ending in one of
 :data:`ddsedit.formats.OUTPUT_SUFFIXES`, whose format it is written in (default:
 ``<src stem>.<method>.png``). :func:`load_manifest` returns the valid rows
 and, per bad line, why it is bad (missing or unreadable files, unknown methods, empty
@@ -23,6 +23,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from ddsedit.automask import AUTO_MASK, SAME_PROMPTS_MESSAGE
 from ddsedit.checks import prompt_problems
 from ddsedit.errors import InputError
 from ddsedit.formats import has_output_suffix, output_suffixes_text
@@ -60,6 +61,7 @@ class ManifestRow:
     lr: float | None
     image_size: tuple[int, int]  # (w, h) as the editor will see it (EXIF orientation applied)
     identity: tuple[str, ...]  # the row as written: the input of its derived seed
+    auto_mask: bool = False  # the mask cell says auto: drawn from the prompts (``mask`` is then None)
 
     def derived_seed(self) -> int:
         """A seed that depends only on what the row says (src, method, prompts, mask, output name)."""
@@ -216,6 +218,9 @@ def _check_row(line: int, values: dict[str, Any], base: Path) -> tuple[ManifestR
         reasons.append(f"{MASKED_METHOD} needs a mask (white = editable)")
     elif text["mask"] and method not in (MASKED_METHOD, *MASK_OPTIONAL_METHODS):
         reasons.append(f"mask is used by {', '.join((MASKED_METHOD, *MASK_OPTIONAL_METHODS))}, not {method}")
+    elif text["mask"] == AUTO_MASK:
+        if (text["ref"] or "") == (text["query"] or ""):
+            reasons.append(SAME_PROMPTS_MESSAGE.replace("--ref and --query", "ref and query"))
     elif text["mask"]:
         mask = _resolve(text["mask"], base)
         _image_size(mask, "mask", reasons)
@@ -242,6 +247,7 @@ def _check_row(line: int, values: dict[str, Any], base: Path) -> tuple[ManifestR
     row = ManifestRow(
         line=line, src=src, method=method, query=text["query"] or "", ref=text["ref"] or "", mask=mask, out=out,
         seed=seed, steps=steps, guidance=guidance, lr=lr, image_size=image_size, identity=identity,
+        auto_mask=text["mask"] == AUTO_MASK,
     )  # fmt: skip
     return row, reasons, out
 

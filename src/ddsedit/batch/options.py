@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ddsedit.automask import AutoMaskSettings
 from ddsedit.checks import check_prediction_type
 from ddsedit.errors import InputError
 
@@ -37,6 +38,17 @@ class BatchOptions:
     cuda_graph: bool = False
     quiet: bool = False
     verbose: bool = False
+    # The automatic mask of rows whose mask is auto (None: the default).
+    mask_strength: float | None = None
+    mask_noises: int | None = None
+    mask_threshold: float | None = None
+    mask_grow: int | None = None
+
+    def mask_settings(self) -> AutoMaskSettings:
+        """How the rows whose mask is ``auto`` draw it (each with its own seed: the row's)."""
+        return AutoMaskSettings().replace(
+            strength=self.mask_strength, noises=self.mask_noises, threshold=self.mask_threshold, grow=self.mask_grow
+        )
 
     def overrides(self) -> dict[str, Any]:
         """The edit settings that were given (``None``: not given)."""
@@ -52,6 +64,10 @@ class BatchOptions:
         valued = {"--model": self.model, "--prediction-type": self.prediction_type, **{
             f"--{name.replace('_', '-')}": value for name, value in self.overrides().items()
         }}  # fmt: skip
+        valued.update({
+            "--mask-strength": self.mask_strength, "--mask-noises": self.mask_noises,
+            "--mask-threshold": self.mask_threshold, "--mask-grow": self.mask_grow,
+        })  # fmt: skip
         for flag, value in valued.items():
             if value is not None:
                 arguments += [flag, str(value)]
@@ -70,3 +86,4 @@ class BatchOptions:
         if self.processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise InputError("--processes cannot be used under accelerate launch: use one or the other")
         check_prediction_type(self.prediction_type)
+        self.mask_settings().validate()

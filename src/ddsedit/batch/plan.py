@@ -18,6 +18,7 @@ from ddsedit.manifest import ManifestRow
 from ddsedit.names import DEFAULT_PREDICTION_TYPE, METHODS_WITH_REF
 
 if TYPE_CHECKING:
+    from ddsedit.automask import AutoMaskSettings
     from ddsedit.batch.options import BatchOptions
     from ddsedit.editor import EditConfig
 
@@ -97,6 +98,7 @@ class Job:
     row: ManifestRow
     output: Path
     config: EditConfig  # the row's settings over the defaults, with its seed
+    auto_mask: AutoMaskSettings | None = None  # a row whose mask is auto: how it is drawn, with the row's seed
 
     @property
     def seed(self) -> int:
@@ -110,8 +112,9 @@ class Job:
 
         ref = self.row.ref if self.row.method in METHODS_WITH_REF else ""
         parameters = edit_parameters(
-            self.row.method, ref, self.row.query, self.seed, self.config, masked=self.row.mask is not None
-        )
+            self.row.method, ref, self.row.query, self.seed, self.config, masked=self.row.mask is not None or
+            self.row.auto_mask, auto_mask=self.auto_mask,
+        )  # fmt: skip
         parameters["model"] = model.identity
         if model.prediction_type is not None:
             parameters["prediction_type"] = model.prediction_type
@@ -157,8 +160,14 @@ class Job:
         return all(recorded.get(key) == value for key, value in hashes.items())
 
 
-def plan_jobs(rows: list[ManifestRow], defaults: dict[str, EditConfig], out_dir: Path) -> list[Job]:
+def plan_jobs(
+    rows: list[ManifestRow], defaults: dict[str, EditConfig], out_dir: Path,
+    mask_settings: AutoMaskSettings | None = None,
+) -> list[Job]:  # fmt: skip
     """Resolve each row's settings and seed: the row's, else its method's ``defaults`` (the flags and the model's).
+
+    A row whose mask is ``auto`` draws it with ``mask_settings`` (default: the defaults of
+    :class:`~ddsedit.automask.AutoMaskSettings`) and its own seed.
 
     A row without a seed takes the default seed (``--seed``); with none, a seed derived from
     the row itself (:meth:`ManifestRow.derived_seed`), so that every run of the same manifest
@@ -171,7 +180,12 @@ def plan_jobs(rows: list[ManifestRow], defaults: dict[str, EditConfig], out_dir:
         if seed is None:
             seed = row.derived_seed()
         config = method_defaults.replace(steps=row.steps, guidance=row.guidance, lr=row.lr, seed=seed)
-        jobs.append(Job(row=row, output=out_dir / row.out, config=config))
+        auto_mask = None
+        if row.auto_mask:
+            from ddsedit.automask import AutoMaskSettings
+
+            auto_mask = (mask_settings or AutoMaskSettings()).replace(seed=seed)
+        jobs.append(Job(row=row, output=out_dir / row.out, config=config, auto_mask=auto_mask))
     return jobs
 
 

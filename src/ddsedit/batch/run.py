@@ -115,7 +115,7 @@ def run_batch(options: BatchOptions, console: Console, emit: Callable[[str], Non
         raise InputError(f"cannot write to --out-dir {out_dir}")
 
     run = launched_by_parent or uuid.uuid4().hex
-    jobs = plan_jobs(manifest.rows, defaults, out_dir)
+    jobs = plan_jobs(manifest.rows, defaults, out_dir, options.mask_settings())
     present: list[bool] = []
     if state.is_main_process:
         merge_rank_files(out_dir)  # what a killed multi-process run left
@@ -265,7 +265,7 @@ def _request(job: Job) -> EditRequest:
     row = job.row
     hashes = job.file_hashes()  # recorded with the output, so that a rerun notices a file changed in place
     source = imageio.load_image(row.src)
-    mask = imageio.load_mask(row.mask, source.size) if row.mask is not None else None
+    mask = imageio.load_mask(row.mask, source.size) if row.mask is not None else job.auto_mask
     return EditRequest(
         image=source, query=row.query, ref=row.ref or None, mask=mask, seed=job.seed,
         source_sha256=hashes["source_sha256"], mask_sha256=hashes.get("mask_sha256"),

@@ -6,11 +6,12 @@
 
     python -m ddsedit.shapes.compare runs/a/report.json --baseline dds   # each method against DDS, same cases
 
-For every run both reports hold (every method, and DDS started at the right answer) and
-every figure, it prints the first report's figure, the second's, their difference and the
-difference's 95% paired-bootstrap interval: a difference whose interval holds 0 is not shown to be
-real by these cases. Nothing is edited, so it takes a second. Both reports must have been run on
-the same cases (the same ``--cases`` and ``--seed``); their settings may differ.
+For every run both reports hold (every method, masked-dds-auto, DDS started at the right answer, and
+the automatic masks' own figures) and every figure, it prints the first report's figure, the
+second's, their difference and the difference's 95% paired-bootstrap interval: a difference whose
+interval holds 0 is not shown to be real by these cases. Nothing is edited, so it takes a second.
+Both reports must have been run on the same cases (the same ``--cases`` and ``--seed``); their
+settings may differ.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ddsedit.errors import InputError
-from ddsedit.shapes.evaluate import CaseScore, figure_values
+from ddsedit.shapes.evaluate import AUTO_MASK_FIGURES, CaseScore, MaskScore, figure_values, mask_figure_values
 from ddsedit.shapes.stats import paired_difference
 
 
@@ -58,12 +59,12 @@ def load_report(path: Path) -> dict[str, Any]:
     return report
 
 
-def _scores(records: list[dict[str, Any]]) -> tuple[list[int], list[str], list[CaseScore]]:
-    names = {f.name for f in fields(CaseScore)}
+def _scores(records: list[dict[str, Any]], kind: type = CaseScore) -> tuple[list[int], list[str], list[Any]]:
+    names = {f.name for f in fields(kind)}
     return (
         [int(r["index"]) for r in records],
         [str(r["background"]) for r in records],
-        [CaseScore(**{k: v for k, v in r.items() if k in names}) for r in records],
+        [kind(**{k: v for k, v in r.items() if k in names}) for r in records],
     )
 
 
@@ -82,12 +83,14 @@ def compare_reports(first: dict[str, Any], second: dict[str, Any]) -> list[Figur
     for run, first_records in first["case_scores"].items():
         if run not in second["case_scores"]:
             continue
-        first_index, backgrounds, first_scores = _scores(first_records)
-        second_index, _, second_scores = _scores(second["case_scores"][run])
+        # The automatic masks' own scores are of another kind than an edit's.
+        kind, figures = (MaskScore, mask_figure_values) if run == AUTO_MASK_FIGURES else (CaseScore, figure_values)
+        first_index, backgrounds, first_scores = _scores(first_records, kind)
+        second_index, _, second_scores = _scores(second["case_scores"][run], kind)
         if first_index != second_index:
             raise InputError(f"the reports' {run} runs hold different cases")
-        second_figures = figure_values(backgrounds, second_scores)
-        for figure, (first_values, statistic) in figure_values(backgrounds, first_scores).items():
+        second_figures = figures(backgrounds, second_scores)
+        for figure, (first_values, statistic) in figures(backgrounds, first_scores).items():
             second_values = second_figures[figure][0]
             difference, low, high = paired_difference(first_values, second_values, statistic)
             rows.append(FigureComparison(run, figure, statistic(first_values), statistic(second_values),
@@ -108,7 +111,7 @@ def compare_methods(report: dict[str, Any], baseline: str) -> list[FigureCompari
     base_index, backgrounds, base_scores = _scores(runs[baseline])
     base_figures = figure_values(backgrounds, base_scores)
     for run, records in runs.items():
-        if run in (baseline, "held"):
+        if run in (baseline, "held", AUTO_MASK_FIGURES):  # not a method's edits
             continue
         index, _, run_scores = _scores(records)
         if index != base_index:

@@ -6,7 +6,11 @@ same case rendered with the query's colour), so success can be measured, not eye
 - shape IoU: the query-coloured pixels against the source's shape mask (median, per background);
 - background change: mean |edited - source| outside the source shape grown by 3 px (0-255 levels);
 - dots kept: a grey dot whose pixels stay within 40 levels of grey on average;
-- masked DDS: the largest change outside the mask (paste-back keeps it at 0).
+- masked DDS: the largest change outside the mask (paste-back keeps it at 0);
+- old colour left: pixels still nearest the source's colour, over the source shape's area (e.g. a rim
+  of the old colour that a paste-back seam keeps);
+- the automatic mask (``masked-dds-auto``: masked DDS with ``--mask auto``): how much of the source shape
+  it covers and how much of it lies within MASK_MARGIN px of the shape (medians, per background).
 Background swaps and shape swaps are reported as well, without a target yet. Each figure comes
 with a 95% bootstrap interval over the cases, and ``report.json`` keeps every case's scores so
 that two runs on the same cases can be compared case by case (``python -m ddsedit.shapes.compare``).
@@ -24,8 +28,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ddsedit.automask import AUTO_MASK, AutoMaskSettings
 from ddsedit.editor import EditConfig, Editor, EditRequest
-from ddsedit.names import METHODS
+from ddsedit.names import MASKED_METHOD, METHODS
 from ddsedit.shapes.metrics import colour_mask, dilate, estimate_background, fit_shape, iou
 from ddsedit.shapes.stats import bootstrap_interval
 from ddsedit.shapes.world import (
@@ -37,6 +42,7 @@ from ddsedit.shapes.world import (
     SHAPES,
     ShapeCase,
     caption,
+    dots_mask,
     render,
     sample_case,
 )
@@ -44,6 +50,9 @@ from ddsedit.shapes.world import (
 DOT_TOLERANCE = 40.0  # levels from grey, on average over a dot's pixels
 BACKGROUND_MARGIN = 3  # px around the source shape left out of the background figure
 MASK_MARGIN = 4  # px the masked-DDS mask extends beyond the source shape
+AUTO_MASK_RUN = f"{MASKED_METHOD}-{AUTO_MASK}"  # masked DDS with the automatic mask
+RUNS = (*METHODS, AUTO_MASK_RUN)  # what --methods may name
+AUTO_MASK_FIGURES = "auto-mask"  # the automatic mask's own figures, in intervals and case_scores
 
 _YY, _XX = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
 
@@ -78,6 +87,7 @@ class CaseScore:
     outside_mask_change: float | None = None
     background_right: bool | None = None
     shape_right: bool | None = None
+    old_colour_left: float | None = None  # recolours: pixels nearest the source colour / the source shape's area
 
 
 @dataclass
@@ -94,6 +104,8 @@ class Report:
     # 95% bootstrap interval [low, high] of each figure, per run ("sds", "dds", "masked-dds", "held")
     intervals: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     case_scores: dict[str, list[dict[str, object]]] = field(default_factory=dict)  # per run, in case order
+    masks: dict[str, float] = field(default_factory=dict)  # the automatic mask's coverage and precision
+    mask_settings: dict[str, object] = field(default_factory=dict)  # how the automatic masks were drawn
 
 
 def recolour_cases(count: int, seed: int) -> list[EditCase]:
@@ -128,6 +140,42 @@ def edit_mask(case: ShapeCase) -> Image.Image:
     """The masked-DDS mask: the source shape grown by MASK_MARGIN px, white = editable."""
     _, shape, _ = render(case)
     return Image.fromarray((dilate(shape, MASK_MARGIN) * 255).astype(np.uint8), mode="L")
+
+
+@dataclass
+class MaskScore:
+    """How well an automatic mask fits the source shape (fractions of pixels)."""
+
+    coverage: float  # of the shape's pixels inside the mask
+    precision: float  # of the mask's pixels within MASK_MARGIN px of the shape
+    dots_covered: float  # of the grey dots' pixels inside the mask (what the edit may then repaint)
+
+
+def score_mask(case: ShapeCase, mask: Image.Image) -> MaskScore:
+    """Measure an automatic mask (white = editable, 64x64) against the source shape it should cover."""
+    _, shape, dots = render(case)
+    inside = np.asarray(mask.convert("L")) >= 128
+    near = dilate(shape, MASK_MARGIN)
+    dot_pixels = dots_mask(dots)
+    return MaskScore(
+        coverage=float((inside & shape).sum() / max(1, shape.sum())),
+        precision=float((inside & near).sum() / max(1, inside.sum())),
+        dots_covered=float((inside & dot_pixels).sum() / max(1, dot_pixels.sum())),
+    )
+
+
+def mask_figure_values(
+    backgrounds: list[str], scores: list[MaskScore]
+) -> dict[str, tuple[np.ndarray, Callable[[np.ndarray], float]]]:
+    """The automatic mask's figures as (one value per case, the statistic over cases): medians per background."""
+    figures: dict[str, tuple[np.ndarray, Callable[[np.ndarray], float]]] = {}
+    for name in ("coverage", "precision"):
+        for background in BACKGROUNDS:
+            values = [getattr(s, name) for b, s in zip(backgrounds, scores, strict=True) if b == background]
+            if values:
+                figures[f"{name}_median_{background}"] = (np.array(values), _median)
+    figures["dots_covered"] = (np.array([s.dots_covered for s in scores]), _mean)
+    return figures
 
 
 def _dots_kept(edited: np.ndarray, dots: list[tuple[int, int]]) -> int:
@@ -172,7 +220,20 @@ def score_edit(case: EditCase, edited_image: Image.Image, mask: Image.Image | No
         score.background_right = estimate_background(edited) == target.background
     if target.shape != case.source.shape:
         score.shape_right = fit_shape(edited_shape)[0] == target.shape
+    if target.colour != case.source.colour:
+        score.old_colour_left = _old_colour_left(edited, case, source_shape)
     return score
+
+
+def _old_colour_left(edited: np.ndarray, case: EditCase, source_shape: np.ndarray) -> float:
+    """Pixels nearer the source colour than the query colour, the background and the dots' grey, over the
+    source shape's area: what a recolour left of the old colour (a rim at a paste-back seam, an unedited part)."""
+    palette = np.array(
+        [COLOURS[case.source.colour], COLOURS[case.target.colour], BACKGROUNDS[case.target.background], DOT_GREY],
+        dtype=np.float32,
+    )
+    distances = ((edited[:, :, None, :].astype(np.float32) - palette[None, None]) ** 2).sum(-1)
+    return float((distances.argmin(-1) == 0).sum() / max(1, source_shape.sum()))
 
 
 def _ratio(columns: np.ndarray) -> float:
@@ -202,6 +263,8 @@ def figure_values(
             figures[f"iou_median_{background}"] = (np.array(values), _median)
     figures["background_change"] = (np.array([s.background_change for s in scores]), _mean)
     figures["dots_kept_rate"] = (np.array([[s.dots_kept, s.dots] for s in scores], dtype=np.float64), _ratio)
+    if scores and all(s.old_colour_left is not None for s in scores):  # reports before it was measured lack it
+        figures["old_colour_left"] = (np.array([s.old_colour_left for s in scores], dtype=np.float64), _mean)
     return figures
 
 
@@ -238,8 +301,12 @@ ProgressCallback = Callable[[str, int], None]  # (what is running, edits finishe
 def run_edits(
     editor: Editor, cases: list[EditCase], method: str, config: EditConfig, batch_size: int,
     start_at_target: bool = False, on_progress: ProgressCallback | None = None, label: str | None = None,
+    mask_settings: AutoMaskSettings | None = None,
 ) -> tuple[list[Image.Image], list[Image.Image | None]]:  # fmt: skip
     """Edit every case with ``method``, ``batch_size`` images per UNet call.
+
+    ``method`` may be :data:`AUTO_MASK_RUN`: masked DDS with a mask drawn from the prompts
+    (``mask_settings``, seeded with each case's seed); the masks returned are then the ones drawn.
 
     ``start_at_target`` starts the optimisation at the right answer (the target image) instead of
     the source: how far the method then drifts is the error it makes even with a perfect path.
@@ -250,13 +317,18 @@ def run_edits(
     for start in range(0, len(cases), batch_size):
         chunk = cases[start : start + batch_size]
         chunk_masks = [edit_mask(case.source) if method == "masked-dds" else None for case in chunk]
+        auto = method == AUTO_MASK_RUN
         requests = [
             EditRequest(render(case.source)[0], query=case.query, ref=case.ref, mask=mask, seed=case.seed,
                         start=render(case.target)[0] if start_at_target else None)
             for case, mask in zip(chunk, chunk_masks, strict=True)
         ]
-        edited += [result.image for result in editor.edit_batch(requests, method, config=config)]
-        masks += chunk_masks
+        if auto:
+            for request in requests:
+                request.mask = mask_settings or AutoMaskSettings()
+        results = editor.edit_batch(requests, MASKED_METHOD if auto else method, config=config)
+        edited += [result.image for result in results]
+        masks += [result.mask for result in results] if auto else chunk_masks
         if on_progress is not None:
             on_progress(label or method, len(chunk))
     return edited, masks
@@ -300,10 +372,14 @@ def evaluate(
     batch_size: int = 8,
     grid_rows: int = 12,
     hold: bool = True,
-    methods: tuple[str, ...] = METHODS,
+    methods: tuple[str, ...] = RUNS,
     on_progress: ProgressCallback | None = None,
+    mask_settings: AutoMaskSettings | None = None,
 ) -> tuple[Report, Image.Image]:
     """Run the eval; returns the report and a grid (source, target, then one column per method).
+
+    With :data:`AUTO_MASK_RUN` among ``methods`` the automatic masks (``mask_settings``, default
+    :class:`AutoMaskSettings`) are scored too, and the grid ends with a column that shows them.
 
     With ``hold``, DDS also runs from the right answer (the target image) on the same cases: the
     figures it ends at bound what DDS can reach with this model and these settings. ``methods``
@@ -312,9 +388,9 @@ def evaluate(
     method's defaults under ``overrides`` (e.g. ``{"steps": 50}``); the report records them.
     ``on_progress(label, count)`` follows the edits (:func:`edit_count` of them in all).
     """
-    unknown = [method for method in methods if method not in METHODS]
+    unknown = [method for method in methods if method not in RUNS]
     if unknown or not methods:
-        raise ValueError(f"methods must be some of {', '.join(METHODS)}, got {', '.join(methods) or 'none'}")
+        raise ValueError(f"methods must be some of {', '.join(RUNS)}, got {', '.join(methods) or 'none'}")
     configs = {method: editor.config(method, **(overrides or {})) for method in (*methods, "dds")}
     for method, method_config in configs.items():
         method_config.validate_for(method, editor.components.num_train_timesteps)
@@ -322,14 +398,19 @@ def evaluate(
     cases = recolour_cases(count, seed)
     report = Report(cases=count, seed=seed, settings={k: v for k, v in asdict(config).items() if k != "seed"})
     edited_by_method: dict[str, list[Image.Image]] = {}
+    auto_masks: list[Image.Image] = []
     for method in methods:
         report.method_settings[method] = configs[method].method_fields(method)
-        edited, masks = run_edits(editor, cases, method, configs[method], batch_size, on_progress=on_progress)
+        edited, masks = run_edits(editor, cases, method, configs[method], batch_size, on_progress=on_progress,
+                                  mask_settings=mask_settings)  # fmt: skip
         scores = [score_edit(c, image, mask) for c, image, mask in zip(cases, edited, masks, strict=True)]
         report.methods[method] = summarise(cases, scores)
         report.intervals[method] = summarise_intervals(cases, scores)
         report.case_scores[method] = case_records(cases, scores)
         edited_by_method[method] = edited
+        if method == AUTO_MASK_RUN:
+            auto_masks = [mask for mask in masks if mask is not None]
+            _score_auto_masks(report, cases, auto_masks, mask_settings or AutoMaskSettings())
     if hold:
         edited, _ = run_edits(
             editor, cases, "dds", config, batch_size, start_at_target=True, on_progress=on_progress, label="dds held"
@@ -356,7 +437,45 @@ def evaluate(
         [render(case.source)[0], render(case.target)[0], *(edited_by_method[m][case.index] for m in methods)]
         for case in cases[:grid_rows]
     ]
-    return report, grid(rows, labels=["source", "target (right answer)", *methods])
+    labels = ["source", "target (right answer)", *methods]
+    if auto_masks:
+        rows = [[*row, _mask_tile(case.source, auto_masks[case.index])] for row, case in zip(rows, cases, strict=False)]
+        labels.append("auto mask")
+    return report, grid(rows, labels=labels)
+
+
+def _score_auto_masks(
+    report: Report, cases: list[EditCase], masks: list[Image.Image], settings: AutoMaskSettings
+) -> None:
+    """Add the automatic masks' figures, intervals and per-case scores to ``report``."""
+    scores = [score_mask(case.source, mask) for case, mask in zip(cases, masks, strict=True)]
+    backgrounds = [case.source.background for case in cases]
+    figures = mask_figure_values(backgrounds, scores)
+    report.masks = {name: statistic(values) for name, (values, statistic) in figures.items()}
+    report.intervals[AUTO_MASK_FIGURES] = {
+        name: list(bootstrap_interval(values, statistic)) for name, (values, statistic) in figures.items()
+    }
+    report.case_scores[AUTO_MASK_FIGURES] = [
+        {"index": case.index, "background": background, **asdict(score)}
+        for case, background, score in zip(cases, backgrounds, scores, strict=True)
+    ]
+    report.mask_settings = {key: value for key, value in asdict(settings).items() if key not in ("seed", "chunk_size")}
+
+
+def _mask_tile(case: ShapeCase, mask: Image.Image) -> Image.Image:
+    """The source dimmed outside the mask, with the shape's outline in magenta: what the mask covers, at a glance."""
+    source = np.asarray(render(case)[0], dtype=np.float32)
+    _, shape, _ = render(case)
+    inside = (np.asarray(mask.convert("L")) >= 128)[..., None]
+    tile = np.where(inside, source, source * 0.25 + 96)
+    outline = shape & ~_erode(shape)
+    tile[outline] = (255, 0, 255)
+    return Image.fromarray(tile.clip(0, 255).astype(np.uint8))
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """Shrink a boolean mask by 1 px (the complement of growing its complement)."""
+    return ~dilate(~mask, 1)
 
 
 def _with_interval(value: float, interval: list[float] | None, percent: bool = False) -> str:
@@ -387,6 +506,12 @@ def format_report(report: Report) -> str:
             f"| {figures['background_change']:.2f} "
             f"| {figures['dots_kept_rate']:.0%} | {'' if outside is None else f'{outside:.0f}'} |"
         )
+    left = {method: f["old_colour_left"] for method, f in report.methods.items() if "old_colour_left" in f}
+    if left:
+        lines.append(
+            "Old colour left (pixels still nearest the source colour, over the source shape's area; mean): "
+            + ", ".join(f"{method} {value:.1%}" for method, value in left.items())
+        )
     if report.held:
         held, intervals = report.held, report.intervals.get("held", {})
         lines.append(
@@ -394,6 +519,20 @@ def format_report(report: Report) -> str:
             f"{_with_interval(held.get('iou_median_white', nan), intervals.get('iou_median_white'))} white, "
             f"{_with_interval(held.get('iou_median_black', nan), intervals.get('iou_median_black'))} black, "
             f"background change {held['background_change']:.2f}, recolour {held['recolour_rate']:.0%}"
+        )
+    if report.masks:
+        masks, intervals = report.masks, report.intervals.get(AUTO_MASK_FIGURES, {})
+        settings = ", ".join(
+            f"{key} {value}{' px' if key == 'grow' else ''}" for key, value in report.mask_settings.items()
+        )
+        lines.append(
+            f"Automatic mask ({settings}): covers the source shape, median "
+            f"{_with_interval(masks['coverage_median_white'], intervals.get('coverage_median_white'), True)} white, "
+            f"{_with_interval(masks['coverage_median_black'], intervals.get('coverage_median_black'), True)} black; "
+            f"lies within {MASK_MARGIN} px of it, median "
+            f"{_with_interval(masks['precision_median_white'], intervals.get('precision_median_white'), True)} white, "
+            f"{_with_interval(masks['precision_median_black'], intervals.get('precision_median_black'), True)} black; "
+            f"dot pixels inside it {masks['dots_covered']:.1%}"
         )
     for kind, figures in report.swaps.items():
         lines.append(
