@@ -91,6 +91,28 @@ PredictionTypeOption = Annotated[
     str | None,
     typer.Option("--prediction-type", help="Override the model's: epsilon or v_prediction.", show_default=False),
 ]
+# The options of the methods beyond DDS that the edit commands and eval-shapes share.
+CutWeightOption = Annotated[
+    float | None,
+    typer.Option(
+        "--cut-weight", help="cds, ids: weight of the contrastive (CUT) term [default: cds 3, ids 0 (off)].",
+        show_default=False,
+    ),
+]
+PdsGridOption = Annotated[
+    int | None,
+    typer.Option("--pds-grid", help="pds: steps of the DDIM grid t and t_prev come from [default: 50].",
+                 show_default=False),
+]
+IdentityStepsOption = Annotated[
+    int | None,
+    typer.Option("--identity-steps", help="ids: corrections of the source branch per step [default: 3].",
+                 show_default=False),
+]
+IdentityWeightOption = Annotated[
+    float | None,
+    typer.Option("--identity-weight", help="ids: step size of each correction [default: 1].", show_default=False),
+]
 CudaGraphOption = Annotated[
     bool, typer.Option("--cuda-graph", help="Record one step as a CUDA graph and replay it (CUDA only).")
 ]
@@ -241,14 +263,7 @@ def _edit_template(
     dds_weight: Annotated[
         float | None, typer.Option("--dds-weight", help="Weight of the DDS gradient [default: 1].", show_default=False)
     ] = None,
-    cut_weight: Annotated[
-        float | None,
-        typer.Option(
-            "--cut-weight",
-            help="Weight of the contrastive (CUT) term [default: cds 3, ids 0 (off)].",
-            show_default=False,
-        ),
-    ] = None,
+    cut_weight: CutWeightOption = None,
     cut_patches: Annotated[
         int | None,
         typer.Option(
@@ -263,22 +278,9 @@ def _edit_template(
         float | None,
         typer.Option("--cut-temperature", help="PatchNCE temperature [default: 0.07].", show_default=False),
     ] = None,
-    pds_grid: Annotated[
-        int | None,
-        typer.Option(
-            "--pds-grid", help="Steps of the DDIM grid t and t_prev come from [default: 50].", show_default=False
-        ),
-    ] = None,
-    identity_steps: Annotated[
-        int | None,
-        typer.Option(
-            "--identity-steps", help="Corrections of the source branch per step [default: 3].", show_default=False
-        ),
-    ] = None,
-    identity_weight: Annotated[
-        float | None,
-        typer.Option("--identity-weight", help="Step size of each correction [default: 1].", show_default=False),
-    ] = None,
+    pds_grid: PdsGridOption = None,
+    identity_steps: IdentityStepsOption = None,
+    identity_weight: IdentityWeightOption = None,
     save_every: Annotated[
         int | None,
         typer.Option(
@@ -680,23 +682,10 @@ def eval_shapes_command(
         int | None,
         typer.Option("--t-max", help="Timesteps are drawn below this [default: the model's].", show_default=False),
     ] = None,
-    cut_weight: Annotated[
-        float | None,
-        typer.Option(
-            "--cut-weight", help="cds and ids: the CUT term's weight [default: cds 3, ids 0].", show_default=False
-        ),
-    ] = None,
-    pds_grid: Annotated[
-        int | None, typer.Option("--pds-grid", help="pds: steps of its DDIM grid [default: 50].", show_default=False)
-    ] = None,
-    identity_steps: Annotated[
-        int | None,
-        typer.Option("--identity-steps", help="ids: corrections per step [default: 3].", show_default=False),
-    ] = None,
-    identity_weight: Annotated[
-        float | None,
-        typer.Option("--identity-weight", help="ids: each correction's step size [default: 1].", show_default=False),
-    ] = None,
+    cut_weight: CutWeightOption = None,
+    pds_grid: PdsGridOption = None,
+    identity_steps: IdentityStepsOption = None,
+    identity_weight: IdentityWeightOption = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per UNet call.")] = 8,
     hold: Annotated[
         bool, typer.Option("--hold/--no-hold", help="Also run DDS from the right answer: what DDS can reach.")
