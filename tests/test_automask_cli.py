@@ -3,13 +3,12 @@ one-line errors before the model loads, and batch rows whose mask is ``auto`` (r
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from batch_support import last_run, run_cli, write_csv
+from engine_support import main_in_fresh_process
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -108,14 +107,8 @@ def test_mask_command_checks_cheaply_before_torch(tmp_path) -> None:
     """A missing source or equal prompts fail at once, without the heavy imports."""
     for arguments in (["--src", str(tmp_path / "none.png"), "--ref", "a", "--query", "b"],
                       ["--src", str(tmp_path / "none.png"), "--ref", "a cat", "--query", "a cat "]):  # fmt: skip
-        code = (
-            "import sys\nfrom ddsedit.cli import main\n"
-            f"sys.argv = ['ddsedit', 'mask', *{arguments!r}]\n"
-            "try:\n    main()\nexcept SystemExit as exit:\n"
-            "    print(exit.code, any(m in sys.modules for m in ('torch', 'diffusers', 'transformers')))\n"
-        )
-        completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-        assert completed.stdout.strip() == "2 False", completed
+        completed, printed = main_in_fresh_process(["mask", *arguments])
+        assert printed == "2 False", completed
         assert len(completed.stderr.strip().splitlines()) == 1
 
 

@@ -11,6 +11,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from engine_support import main_in_fresh_process
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -296,14 +297,9 @@ def test_usage_errors_are_one_line_and_required_options_say_so(circle_files) -> 
 
 def test_cheap_checks_come_before_torch_is_imported(circle_files, tmp_path) -> None:
     """A missing source must fail at once, not after the 7-30 s of heavy imports."""
-    code = (
-        "import sys\nfrom ddsedit.cli import main\n"
-        f"sys.argv = ['ddsedit', 'dds', '--src', {str(tmp_path / 'missing.png')!r}, '--ref', 'a', '--query', 'b']\n"
-        "try:\n    main()\nexcept SystemExit as exit:\n"
-        "    print(exit.code, any(m in sys.modules for m in ('torch', 'diffusers', 'transformers')))\n"
-    )
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert completed.stdout.strip() == "2 False", completed
+    arguments = ["dds", "--src", str(tmp_path / "missing.png"), "--ref", "a", "--query", "b"]
+    completed, printed = main_in_fresh_process(arguments)
+    assert printed == "2 False", completed
     assert "source image not found" in completed.stderr
 
 

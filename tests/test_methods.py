@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from engine_support import edit_trajectory
 from PIL import Image, ImageDraw
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -345,29 +346,11 @@ def run_engine(
     monkeypatch: pytest.MonkeyPatch, mask: Image.Image | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
     """Edit with ddsedit's public API; return its source latents and its latents after each step."""
-    import ddsedit.editor as editor_module
+    from ddsedit.editor import Editor
 
-    editor = editor_module.Editor.from_pretrained(folder, device="cpu", dtype="fp32")
+    editor = Editor.from_pretrained(folder, device="cpu", dtype="fp32")
     config = editor.config(method, **settings.engine_overrides())
-    loop = editor_module.distill
-    seen: dict[str, Any] = {"trajectory": []}
-
-    # Only observes: records the source and each step's latents, then runs the real loop unchanged.
-    def observed_loop(
-        unet: Any, source_latents: torch.Tensor, *args: Any, on_step: Any = None, **kwargs: Any
-    ) -> torch.Tensor:
-        seen["source"] = source_latents.clone()
-
-        def record(step: int, latents: torch.Tensor) -> None:
-            seen["trajectory"].append(latents.clone())
-            if on_step is not None:
-                on_step(step, latents)
-
-        return loop(unet, source_latents, *args, on_step=record, **kwargs)
-
-    monkeypatch.setattr(editor_module, "distill", observed_loop)
-    editor.edit(image, method, query=query, ref=ref, mask=mask, config=config)
-    return seen["source"], seen["trajectory"]
+    return edit_trajectory(monkeypatch, editor, image, method, query, ref, mask, config)
 
 
 def source_image(width: int = 32, height: int = 32) -> Image.Image:

@@ -17,12 +17,12 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from engine_support import edit_trajectory
 from PIL import Image, ImageDraw
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -159,32 +159,14 @@ def run_engine(
     monkeypatch: pytest.MonkeyPatch, mask: Image.Image | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
     """Edit with ddsedit's public API; return its source latents and its latents after each step."""
-    import ddsedit.editor as editor_module
+    from ddsedit.editor import Editor
 
-    editor = editor_module.Editor.from_pretrained(folder, device="cpu", dtype="fp32")
+    editor = Editor.from_pretrained(folder, device="cpu", dtype="fp32")
     config = editor.config(
         steps=settings.steps, guidance=settings.guidance, lr=settings.lr, t_min=settings.t_min,
         t_max=settings.t_max, seed=settings.seed, negative=settings.negative,
     )  # fmt: skip
-    loop = editor_module.distill
-    seen: dict[str, Any] = {"trajectory": []}
-
-    # Only observes: records the inputs and each step's latents, then runs the real loop unchanged.
-    def observed_loop(
-        unet: Any, source_latents: torch.Tensor, *args: Any, on_step: Any = None, **kwargs: Any
-    ) -> torch.Tensor:
-        seen["source"] = source_latents.clone()
-
-        def record(step: int, latents: torch.Tensor) -> None:
-            seen["trajectory"].append(latents.clone())
-            if on_step is not None:
-                on_step(step, latents)
-
-        return loop(unet, source_latents, *args, on_step=record, **kwargs)
-
-    monkeypatch.setattr(editor_module, "distill", observed_loop)
-    editor.edit(image, method, query=query, ref=ref if method != "sds" else None, mask=mask, config=config)
-    return seen["source"], seen["trajectory"]
+    return edit_trajectory(monkeypatch, editor, image, method, query, ref if method != "sds" else None, mask, config)
 
 
 def _source_image() -> Image.Image:
