@@ -3,11 +3,13 @@
     python -m shapes_training.tune --model shapes --cases 40 \\
         --grid '{"lr": [0.05, 0.1], "guidance": [7.5, 15]}' --methods dds,sds --out tune.jsonl
 
-Every combination of the grid's values is applied over the model's defaults (``ddsedit.json``)
-and scored on the same fresh recolour cases (seeded apart from `ddsedit eval-shapes`' cases, so the
-settings chosen here are not judged on the cases they were chosen on). One JSON line per setting
-and method goes to stdout and to ``--out``. The defaults a model ships are chosen from these lines
-and confirmed with ``ddsedit eval-shapes``.
+Every combination of the grid's values is applied over the model's and each method's defaults
+(``Editor.config(method, ...)``, as ``ddsedit eval-shapes`` does) and scored on the same fresh
+recolour cases (seeded apart from `ddsedit eval-shapes`' cases, so the settings chosen here are not
+judged on the cases they were chosen on). One JSON line per setting and method goes to stdout and to
+``--out``, with every case's IoU (``case_iou``) for paired comparisons between lines.
+The defaults a model ships are chosen from these lines and confirmed with ``ddsedit eval-shapes``. ``--start-at-target`` starts every edit at the right
+answer instead: where a setting then ends bounds what it can reach (the drift it adds by itself).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import json
 import time
 from pathlib import Path
 from typing import Any
+
+from ddsedit.names import METHODS
 
 TUNE_SEED = 123  # eval-shapes uses seed 0 by default: keep tuning cases apart from the reported ones
 
@@ -34,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", type=int, default=40)
     parser.add_argument("--seed", type=int, default=TUNE_SEED)
     parser.add_argument("--grid", required=True, help='JSON object: setting -> list of values, e.g. {"lr": [0.1]}')
-    parser.add_argument("--methods", default="dds", help="comma-separated: sds, dds, masked-dds")
+    parser.add_argument("--methods", default="dds", help="comma-separated, from: " + ", ".join(METHODS))
+    parser.add_argument("--start-at-target", action="store_true", help="start at the right answer (a bound)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=None, help="append the JSON lines to this file too")
@@ -47,19 +52,27 @@ def main(argv: list[str] | None = None) -> None:
     from ddsedit.shapes import evaluate
 
     editor = Editor.from_pretrained(args.model, device=args.device)
+    methods = args.methods.split(",")
+    unknown = [method for method in methods if method not in METHODS]
+    if unknown:
+        parser.error(f"unknown method {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     cases = evaluate.recolour_cases(args.cases, seed=args.seed)
     for overrides in grid_settings(json.loads(args.grid)):
-        config = editor.config(**overrides)
-        config.validate(editor.components.num_train_timesteps)
-        for method in args.methods.split(","):
+        for method in methods:
+            # Each method over its own defaults: one shared config would give ids cds's CUT weight.
+            config = editor.config(method, **overrides)
+            config.validate_for(method, editor.components.num_train_timesteps)
             start = time.time()
-            images, masks = evaluate.run_edits(editor, cases, method, config, batch_size=args.batch_size)
+            images, masks = evaluate.run_edits(editor, cases, method, config, batch_size=args.batch_size,
+                                               start_at_target=args.start_at_target)  # fmt: skip
             scores = [evaluate.score_edit(c, i, m) for c, i, m in zip(cases, images, masks, strict=True)]
             summary = evaluate.summarise(cases, scores)
-            line = json.dumps(
-                {"method": method, **overrides, **{k: round(v, 4) for k, v in summary.items()},
-                 "seconds": round(time.time() - start, 1)}  # fmt: skip
-            )
+            record = {
+                "method": method, **config.method_fields(method), **overrides,
+                "start_at_target": args.start_at_target, **{k: round(v, 4) for k, v in summary.items()},
+                "seconds": round(time.time() - start, 1), "case_iou": [round(score.iou, 4) for score in scores],
+            }  # fmt: skip
+            line = json.dumps(record)
             print(line, flush=True)
             if args.out is not None:
                 with args.out.open("a") as handle:

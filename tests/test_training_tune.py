@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from shapes_training import tune
 
 
@@ -22,3 +24,21 @@ def test_tune_scores_each_setting_and_method(tmp_path, capsys):
     for line in lines:
         assert line["steps"] == 2 and 0 <= line["recolour_rate"] <= 1 and line["background_change"] >= 0
     assert capsys.readouterr().out.count("\n") == 4
+
+
+def test_each_method_is_tuned_over_its_own_defaults(tmp_path):
+    # One config for every method gave ids cds's CUT weight once: each line records the method's own settings.
+    out = tmp_path / "tune.jsonl"
+    tune.main(["--model", "shapes", "--cases", "1", "--device", "cpu", "--methods", "cds,ids",
+               "--grid", '{"steps": [1], "identity_steps": [2]}', "--out", str(out)])  # fmt: skip
+    cds, ids = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (cds["method"], cds["cut_weight"]) == ("cds", 3.0)
+    assert (ids["method"], ids["cut_weight"], ids["identity_steps"]) == ("ids", 0.0, 2)
+    assert ids["start_at_target"] is False and len(ids["case_iou"]) == 1
+
+
+def test_an_unknown_method_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tune.main(["--methods", "dds,nope", "--grid", "{}"])
+    assert exit_info.value.code == 2
+    assert "unknown method nope" in capsys.readouterr().err
