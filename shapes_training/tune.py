@@ -9,7 +9,8 @@ recolour cases (seeded apart from `ddsedit eval-shapes`' cases, so the settings 
 judged on the cases they were chosen on). One JSON line per setting and method goes to stdout and to
 ``--out``, with every case's IoU (``case_iou``) for paired comparisons between lines.
 The defaults a model ships are chosen from these lines and confirmed with ``ddsedit eval-shapes``.
-``--start-at-target`` starts every edit at the right answer instead: where a setting then ends bounds what it can reach (the drift it adds by itself).
+``--start-at-target`` starts every edit at the right answer instead: where a
+setting then ends bounds what it can reach (the drift it adds by itself).
 """
 
 from __future__ import annotations
