@@ -1,17 +1,20 @@
-"""Where DDS drifts from the right answer: its expected gradient there, per timestep and background.
+"""Where an edit drifts from the right answer: the method's expected gradient there, per timestep and background.
 
-    python -m shapes_training.drift --model shapes --cases 40 --draws 8
+    python -m shapes_training.drift --model shapes --cases 40 --draws 8 --method ids
 
-Started at the right answer (the target image's latents), an edit stays there only if the expected
-DDS gradient vanishes. This measures it on recolour cases, at fixed timesteps, averaged over
-``draws`` noise draws (same noise for source and target, as in the loop), and splits it:
+Started at the right answer (the target image's latents), an edit stays there only if the method's
+expected gradient vanishes. This measures it on recolour cases, at fixed timesteps, averaged over
+``draws`` noise draws (drawn as the loop draws them: the same noise for source and target; PDS's
+previous step one grid spacing below), by calling the method's own gradient function
+(``ddsedit.methods.GRADIENTS``), so every method (``dds``, ``cds``, ``pds``, ``ids``) is measured
+by the code that edits. It splits the gradient:
 
-- ``conditional``: the gradient at guidance 1 (query prediction at the target minus reference
-  prediction at the source);
-- ``guided``: what classifier-free guidance adds, ``(g - 1)`` times the difference of the two
-  branches' conditional-minus-unconditional predictions. Where the image already shows what the
-  caption says, a perfect model's two predictions agree, so this part is the model's error scaled
-  by the guidance.
+- ``conditional``: the gradient at guidance 1 (for DDS: query prediction at the target minus
+  reference prediction at the source);
+- ``guided``: what classifier-free guidance adds (the gradient minus its guidance-1 part; for DDS
+  ``(g - 1)`` times the difference of the two branches' conditional-minus-unconditional
+  predictions). Where the image already shows what the caption says, a perfect model's two
+  predictions agree, so this part is the model's error scaled by the guidance.
 
 It also reports the noise-prediction error of the query caption at the target (what training
 minimises) and at the source (how far the query caption pulls an unedited image): a quick look at
@@ -28,8 +31,10 @@ import torch
 from PIL import Image
 
 from ddsedit import scores
-from ddsedit.editor import Editor
+from ddsedit.editor import Editor, method_options
 from ddsedit.imageio import image_to_tensor
+from ddsedit.methods import GRADIENTS, GradientInputs, PromptEmbeddings, StepDraws
+from ddsedit.names import METHODS_WITH_REF
 from ddsedit.optimize import predict_epsilon
 from ddsedit.shapes import evaluate
 from ddsedit.shapes.world import BACKGROUNDS, IMAGE_SIZE, render
@@ -43,7 +48,7 @@ class DriftRow:
 
     timestep: int
     background: str
-    gradient: float  # the expected DDS gradient at the right answer
+    gradient: float  # the method's expected gradient at the right answer
     conditional: float  # its guidance-1 part
     guided: float  # the part the guidance adds
     error_at_target: float  # noise-prediction error of the query caption at the target
@@ -62,17 +67,34 @@ def drift_table(
     draws: int = 8,
     guidance: float | None = None,
     seed: int = 0,
+    method: str = "dds",
 ) -> list[DriftRow]:
-    """The expected DDS gradient at the right answer of ``cases``, per timestep and background."""
-    guidance = editor.config().guidance if guidance is None else guidance
+    """The expected gradient of ``method`` at the right answer of ``cases``, per timestep and background.
+
+    ``method``'s settings are the editor's (``editor.config(method)``), with ``guidance`` over them.
+    """
+    if method not in METHODS_WITH_REF:
+        raise ValueError(f"drift needs a method with a reference branch ({', '.join(METHODS_WITH_REF)}), got {method}")
+    config = editor.config(method) if guidance is None else editor.config(method, guidance=guidance)
     components = editor.components
     source = _latents(editor, [render(case.source)[0] for case in cases])
     target = _latents(editor, [render(case.target)[0] for case in cases])
     query = editor.encode_prompts([case.query for case in cases])
     reference = editor.encode_prompts([case.ref for case in cases])
     empty = editor.encode_prompts([""] * len(cases))
-    conditions = torch.cat([empty, query, empty, reference, query])
     alphas_cumprod = components.alphas_cumprod.to(device=editor.device, dtype=torch.float32)
+    num_train_timesteps = alphas_cumprod.shape[0]
+
+    def inputs_at(scale: float) -> GradientInputs:
+        patch_generators = [torch.Generator(device=editor.device).manual_seed(seed + i) for i in range(len(cases))]
+        return GradientInputs(
+            components.unet, source, PromptEmbeddings(empty, reference, query), alphas_cumprod,
+            components.prediction_type, scale, method_options(config), patch_generators,
+        )  # fmt: skip
+
+    guided_inputs, plain_inputs = inputs_at(config.guidance), inputs_at(1.0)
+    gradient_function = GRADIENTS[method]
+    spacing = num_train_timesteps // config.pds_grid  # pds: t_prev is one grid spacing below t
     generator = torch.Generator(device=editor.device).manual_seed(seed)
     rows = []
     for timestep in timesteps:
@@ -83,20 +105,21 @@ def drift_table(
         error_target = torch.zeros(len(cases), device=editor.device)
         error_source = torch.zeros(len(cases), device=editor.device)
         for _ in range(draws):
-            noise = torch.randn(source.shape, generator=generator, device=editor.device)
-            noisy_target = scores.add_noise(target, noise, alpha_bar)
-            noisy_source = scores.add_noise(source, noise, alpha_bar)
-            batch = torch.cat([noisy_target, noisy_target, noisy_source, noisy_source, noisy_source])
+            step = StepDraws(t, torch.randn(source.shape, generator=generator, device=editor.device))
+            if method == "pds":
+                step.previous_timesteps = (t - spacing).clamp(min=0)
+                step.previous_noise = torch.randn(source.shape, generator=generator, device=editor.device)
+            gradient += gradient_function(guided_inputs, target, step).detach() / draws
+            conditional += gradient_function(plain_inputs, target, step).detach() / draws
+            noisy_target = scores.add_noise(target, step.noise, alpha_bar)
+            noisy_source = scores.add_noise(source, step.noise, alpha_bar)
             with torch.no_grad():
-                epsilon = predict_epsilon(components.unet, batch, t.repeat(5), conditions, alpha_bar.repeat(5),
+                epsilon = predict_epsilon(components.unet, torch.cat([noisy_target, noisy_source]), t.repeat(2),
+                                          torch.cat([query, query]), alpha_bar.repeat(2),
                                           components.prediction_type)  # fmt: skip
-            target_uncond, target_cond, source_uncond, source_cond, query_at_source = epsilon.chunk(5)
-            target_guided = scores.classifier_free_guidance(target_uncond, target_cond, guidance)
-            source_guided = scores.classifier_free_guidance(source_uncond, source_cond, guidance)
-            gradient += scores.dds_gradient(target_guided, source_guided) / draws
-            conditional += scores.dds_gradient(target_cond, source_cond) / draws
-            error_target += (target_cond - noise).pow(2).mean((1, 2, 3)) / draws
-            error_source += (query_at_source - noise).pow(2).mean((1, 2, 3)) / draws
+            query_at_target, query_at_source = epsilon.chunk(2)
+            error_target += (query_at_target - step.noise).pow(2).mean((1, 2, 3)) / draws
+            error_source += (query_at_source - step.noise).pow(2).mean((1, 2, 3)) / draws
         per_case = {
             "gradient": gradient.pow(2).mean((1, 2, 3)),
             "conditional": conditional.pow(2).mean((1, 2, 3)),
@@ -133,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--draws", type=int, default=8, help="noise draws averaged per timestep")
     parser.add_argument("--guidance", type=float, default=None, help="default: the model's")
     parser.add_argument("--timesteps", default=",".join(map(str, TIMESTEPS)))
+    parser.add_argument("--method", default="dds", choices=METHODS_WITH_REF)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
 
@@ -142,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     editor = Editor.from_pretrained(args.model, device=args.device)
     cases = evaluate.recolour_cases(args.cases, seed=args.seed)
     timesteps = tuple(int(t) for t in args.timesteps.split(","))
-    rows = drift_table(editor, cases, timesteps, draws=args.draws, guidance=args.guidance)
+    rows = drift_table(editor, cases, timesteps, draws=args.draws, guidance=args.guidance, method=args.method)
     print(format_table(rows))
 
 

@@ -44,3 +44,41 @@ def test_main_prints_one_line_per_timestep(capsys):
     drift.main(["--cases", "2", "--draws", "1", "--timesteps", "100,500", "--device", "cpu"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 and lines[2].startswith("| 100 |") and lines[3].startswith("| 500 |")
+
+
+def test_ids_does_not_drift_on_an_edit_that_changes_nothing(shapes_editor):
+    # IDS noises the target with the corrected source noise: with source = target and one caption both
+    # branches see the same latent again, so its gradient too is exactly zero.
+    case = evaluate.recolour_cases(1, seed=5)[0]
+    unchanged = evaluate.EditCase(0, case.source, case.source, seed=0)
+    (row,) = drift.drift_table(shapes_editor, [unchanged], timesteps=(300,), draws=1, method="ids")
+    assert row.gradient == row.conditional == row.guided == 0.0
+
+
+def test_pds_drift_is_dds_drift_times_the_posterior_factor(shapes_editor):
+    # With the same noise for both branches, x_prev's and x_t's source terms cancel in the difference of
+    # the two standardised posterior samples, which leaves the DDS gradient times
+    # sqrt(beta / (alpha * (1 - abar_prev))) between t and t_prev = t - 1000 / pds_grid (derived by hand).
+    cases = evaluate.recolour_cases(2, seed=5)
+    timestep = 400
+    (dds_rows, pds_rows) = (drift.drift_table(shapes_editor, cases, timesteps=(timestep,), draws=1, method=method)
+                            for method in ("dds", "pds"))  # fmt: skip
+    abar = shapes_editor.components.alphas_cumprod.double()
+    previous = timestep - 1000 // shapes_editor.config("pds").pds_grid
+    alpha = abar[timestep] / abar[previous]
+    factor = float((1 - alpha) / (alpha * (1 - abar[previous])))  # squared: the rows hold mean squares
+    for dds_row, pds_row in zip(dds_rows, pds_rows, strict=True):
+        assert pds_row.gradient == pytest.approx(factor * dds_row.gradient, rel=1e-4)
+        assert pds_row.conditional == pytest.approx(factor * dds_row.conditional, rel=1e-4)
+        assert pds_row.error_at_target == pytest.approx(dds_row.error_at_target)
+
+
+def test_main_takes_the_method(capsys):
+    drift.main(["--cases", "2", "--draws", "1", "--timesteps", "200", "--device", "cpu", "--method", "ids"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and lines[2].startswith("| 200 |")
+
+
+def test_a_method_without_a_reference_is_refused(shapes_editor):
+    with pytest.raises(ValueError, match="reference branch"):
+        drift.drift_table(shapes_editor, evaluate.recolour_cases(1, seed=5), timesteps=(100,), draws=1, method="sds")

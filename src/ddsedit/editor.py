@@ -386,7 +386,7 @@ class Editor:
         nonfinite_steps_seen: list[int] = []
         generators = [torch.Generator(device=self.device).manual_seed(item.seed) for item in prepared]
         settings = LoopSettings(
-            method, config.steps, config.guidance, config.lr, config.t_min, config.t_max, _method_options(config)
+            method, config.steps, config.guidance, config.lr, config.t_min, config.t_max, method_options(config)
         )
         latents = distill(
             self.components.unet, source_latents, prompt_embeddings, self.components.alphas_cumprod,
@@ -577,7 +577,7 @@ class Editor:
         return self.edit(image, method, query=query, ref=ref, mask=mask, config=config).image
 
 
-def _method_options(config: EditConfig) -> MethodOptions:
+def method_options(config: EditConfig) -> MethodOptions:
     """The loop's view of the settings beyond DDS."""
     return MethodOptions(
         dds_weight=config.dds_weight, cut_weight=config.cut_weight, cut_patches=config.cut_patches,
