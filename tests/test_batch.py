@@ -165,3 +165,36 @@ def test_killed_mid_batch_then_rerun_gives_every_output_exactly_once(
     done = Counter(record["line"] for record in results(out_dir) if record["status"] == "done")
     finished = {record["line"] for record in results(out_dir) if record["status"] in ("done", "skipped")}
     assert finished == set(range(1, rows + 1)) and max(done.values()) == 1  # each row edited once
+
+
+def test_method_options_reach_the_rows_that_read_them_and_resume_compares_them(
+    tmp_path: Path, images: Path, tiny_model_dir
+) -> None:
+    rows = [{**row, "method": method} for row, method in zip(manifest_rows(3), ("cds", "ids", "dds"), strict=True)]
+    manifest = write_jsonl(tmp_path / "manifest.jsonl", rows)
+    out_dir = tmp_path / "out"
+    options = ("--cut-weight", "1.5", "--cut-patch-sizes", "1", "--identity-steps", "2", "--quiet")
+    first = run_cli(manifest, out_dir, tiny_model_dir, *options)
+    assert first.exit_code == 0, first.stderr
+    cds, ids, dds = (read_metadata(out_dir / f"edit{i}.png") for i in range(3))
+    assert (cds["method"], cds["cut_weight"], cds["cut_patch_sizes"]) == ("cds", "1.5", "[1]")
+    assert (ids["cut_weight"], ids["identity_steps"]) == ("1.5", "2")
+    assert "cut_weight" not in dds  # DDS reads none of them
+
+    again = run_cli(manifest, out_dir, tiny_model_dir, *options)
+    assert [r["status"] for r in last_run(out_dir)] == ["skipped"] * 3
+    changed = run_cli(manifest, out_dir, tiny_model_dir, "--overwrite", "--cut-weight", "2", "--cut-patch-sizes", "1",
+                      "--identity-steps", "2", "--quiet")  # fmt: skip
+    assert again.exit_code == changed.exit_code == 0, changed.stderr
+    assert read_metadata(out_dir / "edit0.png")["cut_weight"] == "2.0"
+
+
+def test_a_bad_method_option_is_one_line_before_any_row_runs(tmp_path: Path, images: Path, tiny_model_dir) -> None:
+    manifest = write_jsonl(tmp_path / "manifest.jsonl", manifest_rows(1))
+    for flag, value, message in (("--cut-patch-sizes", "1,x", "--cut-patch-sizes must be comma-separated integers"),
+                                 ("--identity-steps", "-1", "--identity-steps must be >= 0"),
+                                 ("--pds-grid", "1", "--pds-grid must be in")):  # fmt: skip
+        result = run_cli(manifest, tmp_path / "out", tiny_model_dir, flag, value)
+        assert result.exit_code == 2 and message in result.stderr, (flag, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "edit0.png").exists()

@@ -112,3 +112,12 @@ def test_cuda_graph_on_a_cpu_is_one_clear_error_and_reaches_child_processes(
     assert not (tmp_path / "out" / "edit0.png").exists()
     options = BatchOptions(manifest=manifest, out_dir=tmp_path / "out", cuda_graph=True)
     assert "--cuda-graph" in options.child_arguments()
+
+
+def test_child_processes_get_the_method_options(tmp_path: Path) -> None:
+    options = BatchOptions(manifest=tmp_path / "m.jsonl", out_dir=tmp_path / "out", cut_patch_sizes=(1, 2),
+                           identity_weight=2.0, cut_weight=0.5)  # fmt: skip
+    arguments = options.child_arguments()
+    for flag, value in (("--cut-patch-sizes", "1,2"), ("--identity-weight", "2.0"), ("--cut-weight", "0.5")):
+        assert arguments[arguments.index(flag) + 1] == value
+    assert "--pds-grid" not in arguments  # not given: the children use the default too

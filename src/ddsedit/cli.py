@@ -91,7 +91,26 @@ PredictionTypeOption = Annotated[
     str | None,
     typer.Option("--prediction-type", help="Override the model's: epsilon or v_prediction.", show_default=False),
 ]
-# The options of the methods beyond DDS that the edit commands and eval-shapes share.
+# The options of the methods beyond DDS that the edit commands, batch and eval-shapes share.
+DdsWeightOption = Annotated[
+    float | None,
+    typer.Option("--dds-weight", help="cds, ids: weight of the DDS gradient [default: 1].", show_default=False),
+]
+CutPatchesOption = Annotated[
+    int | None,
+    typer.Option(
+        "--cut-patches", help="cds, ids: positions drawn per layer and patch size [default: 256].", show_default=False
+    ),
+]
+CutPatchSizesOption = Annotated[
+    str | None,
+    typer.Option("--cut-patch-sizes", help="cds, ids: comma-separated patch sizes [default: 1,2].",
+                 show_default=False),
+]
+CutTemperatureOption = Annotated[
+    float | None,
+    typer.Option("--cut-temperature", help="cds, ids: PatchNCE temperature [default: 0.07].", show_default=False),
+]
 CutWeightOption = Annotated[
     float | None,
     typer.Option(
@@ -260,24 +279,11 @@ def _edit_template(
             "--feather", help="Seam blend width in pixels, inside the mask [default: 2].", show_default=False
         ),
     ] = None,
-    dds_weight: Annotated[
-        float | None, typer.Option("--dds-weight", help="Weight of the DDS gradient [default: 1].", show_default=False)
-    ] = None,
+    dds_weight: DdsWeightOption = None,
     cut_weight: CutWeightOption = None,
-    cut_patches: Annotated[
-        int | None,
-        typer.Option(
-            "--cut-patches", help="Positions drawn per layer and patch size [default: 256].", show_default=False
-        ),
-    ] = None,
-    cut_patch_sizes: Annotated[
-        str | None,
-        typer.Option("--cut-patch-sizes", help="Comma-separated patch sizes [default: 1,2].", show_default=False),
-    ] = None,
-    cut_temperature: Annotated[
-        float | None,
-        typer.Option("--cut-temperature", help="PatchNCE temperature [default: 0.07].", show_default=False),
-    ] = None,
+    cut_patches: CutPatchesOption = None,
+    cut_patch_sizes: CutPatchSizesOption = None,
+    cut_temperature: CutTemperatureOption = None,
     pds_grid: PdsGridOption = None,
     identity_steps: IdentityStepsOption = None,
     identity_weight: IdentityWeightOption = None,
@@ -682,7 +688,11 @@ def eval_shapes_command(
         int | None,
         typer.Option("--t-max", help="Timesteps are drawn below this [default: the model's].", show_default=False),
     ] = None,
+    dds_weight: DdsWeightOption = None,
     cut_weight: CutWeightOption = None,
+    cut_patches: CutPatchesOption = None,
+    cut_patch_sizes: CutPatchSizesOption = None,
+    cut_temperature: CutTemperatureOption = None,
     pds_grid: PdsGridOption = None,
     identity_steps: IdentityStepsOption = None,
     identity_weight: IdentityWeightOption = None,
@@ -739,8 +749,11 @@ def eval_shapes_command(
         from ddsedit.shapes.evaluate import edit_count, evaluate, format_report, write_report
 
         overrides = dict(
-            steps=steps, guidance=guidance, lr=lr, t_min=t_min, t_max=t_max, cut_weight=cut_weight,
-            pds_grid=pds_grid, identity_steps=identity_steps, identity_weight=identity_weight,
+            steps=steps, guidance=guidance, lr=lr, t_min=t_min, t_max=t_max, **_method_overrides(dict(
+                dds_weight=dds_weight, cut_weight=cut_weight, cut_patches=cut_patches, cut_patch_sizes=cut_patch_sizes,
+                cut_temperature=cut_temperature, pds_grid=pds_grid, identity_steps=identity_steps,
+                identity_weight=identity_weight,
+            )),
         )  # fmt: skip
         editor = Editor.from_pretrained(model, device=device, dtype=dtype)
         config = editor.config("dds", **overrides)
@@ -864,6 +877,14 @@ def batch_command(
         str | None, typer.Option("--negative", help="Negative prompt for every row.", show_default=False)
     ] = None,
     size: SizeOption = None,
+    dds_weight: DdsWeightOption = None,
+    cut_weight: CutWeightOption = None,
+    cut_patches: CutPatchesOption = None,
+    cut_patch_sizes: CutPatchSizesOption = None,
+    cut_temperature: CutTemperatureOption = None,
+    pds_grid: PdsGridOption = None,
+    identity_steps: IdentityStepsOption = None,
+    identity_weight: IdentityWeightOption = None,
     batch_size: Annotated[
         int, typer.Option("--batch-size", help="Rows per UNet call (same method, settings and working size).")
     ] = 1,
@@ -895,7 +916,8 @@ def batch_command(
 ) -> None:
     """Edit every row of a manifest with one model load; rerun the same command to resume.
 
-    --steps, --guidance and --lr apply to the rows that do not set their own.
+    --steps, --guidance and --lr apply to the rows that do not set their own; the method options
+    (--cut-weight, --identity-steps, ...) to every row whose method reads them.
 
     stdout: the output path of every row done or already done. Exit codes: 0 all rows done,
     1 some row failed, or was bad and not run under --skip-invalid (each recorded in
@@ -912,7 +934,11 @@ def batch_command(
             batch_size=batch_size, processes=processes, skip_invalid=skip_invalid, overwrite=overwrite,
             allow_pickle=allow_pickle, prediction_type=prediction_type, cuda_graph=cuda_graph, quiet=quiet,
             verbose=verbose, mask_strength=mask_strength, mask_noises=mask_noises, mask_threshold=mask_threshold,
-            mask_grow=mask_grow,
+            mask_grow=mask_grow, **_method_overrides(dict(
+                dds_weight=dds_weight, cut_weight=cut_weight, cut_patches=cut_patches, cut_patch_sizes=cut_patch_sizes,
+                cut_temperature=cut_temperature, pds_grid=pds_grid, identity_steps=identity_steps,
+                identity_weight=identity_weight,
+            )),
         )  # fmt: skip
         exit_code = run_batch(options, console=stderr, emit=typer.echo)
     except KeyboardInterrupt:

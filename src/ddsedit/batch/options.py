@@ -43,6 +43,15 @@ class BatchOptions:
     mask_noises: int | None = None
     mask_threshold: float | None = None
     mask_grow: int | None = None
+    # The options of the methods beyond DDS, for every row whose method reads them (None: the default).
+    dds_weight: float | None = None
+    cut_weight: float | None = None
+    cut_patches: int | None = None
+    cut_patch_sizes: tuple[int, ...] | None = None
+    cut_temperature: float | None = None
+    pds_grid: int | None = None
+    identity_steps: int | None = None
+    identity_weight: float | None = None
 
     def mask_settings(self) -> AutoMaskSettings:
         """How the rows whose mask is ``auto`` draw it (each with its own seed: the row's)."""
@@ -54,7 +63,10 @@ class BatchOptions:
         """The edit settings that were given (``None``: not given)."""
         return dict(
             steps=self.steps, guidance=self.guidance, lr=self.lr, t_min=self.t_min, t_max=self.t_max,
-            seed=self.seed, negative=self.negative, size=self.size,
+            seed=self.seed, negative=self.negative, size=self.size, dds_weight=self.dds_weight,
+            cut_weight=self.cut_weight, cut_patches=self.cut_patches, cut_patch_sizes=self.cut_patch_sizes,
+            cut_temperature=self.cut_temperature, pds_grid=self.pds_grid, identity_steps=self.identity_steps,
+            identity_weight=self.identity_weight,
         )  # fmt: skip
 
     def child_arguments(self) -> list[str]:
@@ -69,6 +81,8 @@ class BatchOptions:
             "--mask-threshold": self.mask_threshold, "--mask-grow": self.mask_grow,
         })  # fmt: skip
         for flag, value in valued.items():
+            if isinstance(value, tuple):  # --cut-patch-sizes: comma-separated, as given
+                value = ",".join(map(str, value))
             if value is not None:
                 arguments += [flag, str(value)]
         switches = {
