@@ -114,7 +114,8 @@ CutTemperatureOption = Annotated[
 CutWeightOption = Annotated[
     float | None,
     typer.Option(
-        "--cut-weight", help="cds, ids: weight of the contrastive (CUT) term [default: cds 3, ids 0 (off)].",
+        "--cut-weight",
+        help="cds, ids: weight of the contrastive (CUT) term [default: the model's; else cds 3, ids 0 (off)].",
         show_default=False,
     ),
 ]
