@@ -75,7 +75,7 @@ def drift_table(
     """
     if method not in METHODS_WITH_REF:
         raise ValueError(f"drift needs a method with a reference branch ({', '.join(METHODS_WITH_REF)}), got {method}")
-    config = editor.config(method) if guidance is None else editor.config(method, guidance=guidance)
+    config = editor.config(method, guidance=guidance)  # None: the model's
     components = editor.components
     source = _latents(editor, [render(case.source)[0] for case in cases])
     target = _latents(editor, [render(case.target)[0] for case in cases])
