@@ -33,7 +33,7 @@ def test_each_method_is_tuned_over_its_own_defaults(tmp_path):
                "--grid", '{"steps": [1], "identity_steps": [2]}', "--out", str(out)])  # fmt: skip
     cds, ids = [json.loads(line) for line in out.read_text().splitlines()]
     assert (cds["method"], cds["cut_weight"]) == ("cds", 10.0)  # the bundled model's own (its ddsedit.json)
-    assert (ids["method"], ids["cut_weight"], ids["identity_steps"]) == ("ids", 0.0, 2)
+    assert (ids["method"], ids["cut_weight"], ids["identity_steps"]) == ("ids", 10.0, 2)
     assert ids["start_at_target"] is False and len(ids["case_iou"]) == 1
 
 
