@@ -11,7 +11,8 @@ sequence of timesteps and noise:
   autograd SGD (as in the DDS paper's code);
 - ``ddsedit``: the product's engine (:func:`ddsedit.optimize.distill`) with the UNet in the
   chosen dtype, as the CLI runs it;
-- ``ddsedit-cds``, ``ddsedit-pds``, ``ddsedit-ids``: the same engine running the methods beyond DDS
+- ``ddsedit-cds``, ``ddsedit-pds``, ``ddsedit-ids``: the same engine running the methods beyond DDS,
+  each with its own defaults (IDS without the CUT term), and ``ddsedit-ids-cut``: IDS with it
   (their step time is reported against ``ddsedit``'s, in the same run).
 Timing does not depend on the weights, so SD architectures use random weights built from
 the packaged configs. The loops are also checked to give the same edit: the first step's
@@ -41,7 +42,9 @@ from ddsedit.optimize import LoopSettings, PromptEmbeddings, distill
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "ddsedit" / "model_configs"
 ARCHITECTURES = {"sd15": "sd15", "sd21": "sd2-v", "sd21-base": "sd2"}
-LOOPS = ("reference-2call", "reference-batch4", "ddsedit", "ddsedit-cds", "ddsedit-pds", "ddsedit-ids")
+LOOPS = (
+    "reference-2call", "reference-batch4", "ddsedit", "ddsedit-cds", "ddsedit-pds", "ddsedit-ids", "ddsedit-ids-cut",
+)  # fmt: skip
 DEFAULT_LOOPS = LOOPS[:3]
 
 
@@ -266,8 +269,7 @@ def run(args: argparse.Namespace) -> BenchReport:
     for name in args.loops:
         reset_peak_memory(device)
         if name.startswith("ddsedit"):
-            method = name.partition("-")[2] or "dds"
-            loop_settings = dataclasses.replace(settings, method=method)
+            method, loop_settings = engine_settings(name, settings)
             engine_unet = copy.deepcopy(unet).to(device=device, dtype=dtype)
             if device.type == "cuda":
                 engine_unet = engine_unet.to(memory_format=torch.channels_last)
@@ -324,6 +326,19 @@ def run(args: argparse.Namespace) -> BenchReport:
     return report
 
 
+def engine_settings(loop: str, settings: LoopSettings) -> tuple[str, LoopSettings]:
+    """The method an engine loop runs (``ddsedit-ids-cut``: ids) and its settings: the method's own defaults
+    (as ``Editor.config(method)`` resolves them without a model's), IDS's CUT term only in ``-cut``."""
+    from ddsedit.editor import method_options
+    from ddsedit.settings import resolve_config
+
+    method, _, variant = loop.removeprefix("ddsedit").removeprefix("-").partition("-")
+    method = method or "dds"
+    overrides = {"cut_weight": 3.0} if variant == "cut" else {}  # the time is the same for any weight above 0
+    options = method_options(resolve_config(method, {}, overrides))
+    return method, dataclasses.replace(settings, method=method, options=options)
+
+
 def add_ratios(report: BenchReport) -> None:
     """Speed-ups of the engine against each reference, and images per second of each loop."""
     by_name = {result.name: result for result in report.loops}
@@ -332,9 +347,9 @@ def add_ratios(report: BenchReport) -> None:
             if reference in by_name:
                 speedup = by_name[reference].ms_per_step / by_name["ddsedit"].ms_per_step
                 report.ratios[f"speedup_vs_{reference}"] = speedup
-        for method in ("cds", "pds", "ids"):
+        for method in ("cds", "pds", "ids", "ids-cut"):
             if f"ddsedit-{method}" in by_name:
-                report.ratios[f"{method}_step_vs_dds"] = (
+                report.ratios[f"{method.replace('-', '_')}_step_vs_dds"] = (
                     by_name[f"ddsedit-{method}"].ms_per_step / by_name["ddsedit"].ms_per_step
                 )
     for result in report.loops:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check: the DDS benchmark for sd15 at 512x512 (fp16 against both references, CUDA graph,
-# torch.compile default and reduce-overhead, batch 4, bf16), in one call (meant to fit 6 minutes on an
-# H100-class card; the three rows added 2026-11-27 have not been timed yet). Figures -> $OUT or ./bench-out.
+# torch.compile default and reduce-overhead, batch 4, bf16, then the methods beyond DDS), in one call (meant
+# to fit 6 minutes on an H100-class card; the rows added 2026-11-27 and 2026-12-01 have not been timed yet). Figures -> $OUT or ./bench-out.
 # Runs from a checkout without installing: ddsedit is taken from src/ unless it is already installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,3 +19,5 @@ bench sd15-fp16-compile --dtype fp16 --steps 20 --warmup 3 --compile --loops dds
 bench sd15-fp16-k4 --dtype fp16 --steps 20 --warmup 3 --batch-size 4 --loops ddsedit
 bench sd15-fp16-k4-graph --dtype fp16 --steps 20 --warmup 3 --batch-size 4 --cuda-graph --loops ddsedit
 bench sd15-bf16 --dtype bf16 --steps 20 --warmup 3 --loops ddsedit
+# The methods beyond DDS, each timed against DDS in the same run (added 2026-12-01, not timed on a GPU yet).
+bench sd15-fp16-methods --dtype fp16 --steps 20 --warmup 3 --loops ddsedit ddsedit-cds ddsedit-pds ddsedit-ids ddsedit-ids-cut

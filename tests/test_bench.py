@@ -64,10 +64,26 @@ def test_the_new_methods_are_timed_against_dds_in_the_same_run(tmp_path, capsys)
     report_path = tmp_path / "bench.json"
     bench_dds.main(
         ["--arch", "tiny", "--size", "16", "--device", "cpu", "--dtype", "fp32", "--steps", "2", "--warmup", "1",
-         "--loops", "ddsedit", "ddsedit-cds", "ddsedit-pds", "ddsedit-ids", "--json", str(report_path)]
+         "--loops", "ddsedit", "ddsedit-cds", "ddsedit-pds", "ddsedit-ids", "ddsedit-ids-cut", "--json",
+         str(report_path)]
     )  # fmt: skip
     report = json.loads(report_path.read_text())
-    assert [loop["name"] for loop in report["loops"]] == ["ddsedit", "ddsedit-cds", "ddsedit-pds", "ddsedit-ids"]
-    for method in ("cds", "pds", "ids"):
+    assert [loop["name"] for loop in report["loops"]] == ["ddsedit", "ddsedit-cds", "ddsedit-pds", "ddsedit-ids",
+                                                          "ddsedit-ids-cut"]  # fmt: skip
+    for method in ("cds", "pds", "ids", "ids_cut"):
         assert report["ratios"][f"{method}_step_vs_dds"] > 0
     assert "cds_step_vs_dds" in capsys.readouterr().out
+
+
+def test_each_method_loop_runs_with_its_own_defaults() -> None:
+    # IDS's CUT term is off by default: the plain ids loop must not time it (it once did, through
+    # MethodOptions' CDS default), and ids-cut must.
+    from ddsedit.optimize import LoopSettings
+
+    base = LoopSettings("dds", 2)
+    assert bench_dds.engine_settings("ddsedit", base)[0] == "dds"
+    method, ids = bench_dds.engine_settings("ddsedit-ids", base)
+    assert (method, ids.method, ids.options.cut_weight) == ("ids", "ids", 0.0)
+    method, ids_cut = bench_dds.engine_settings("ddsedit-ids-cut", base)
+    assert (method, ids_cut.options.cut_weight, ids_cut.options.identity_steps) == ("ids", 3.0, 3)
+    assert bench_dds.engine_settings("ddsedit-cds", base)[1].options.cut_weight == 3.0
