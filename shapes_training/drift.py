@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
@@ -68,14 +69,16 @@ def drift_table(
     guidance: float | None = None,
     seed: int = 0,
     method: str = "dds",
+    overrides: dict[str, Any] | None = None,
 ) -> list[DriftRow]:
     """The expected gradient of ``method`` at the right answer of ``cases``, per timestep and background.
 
-    ``method``'s settings are the editor's (``editor.config(method)``), with ``guidance`` over them.
+    ``method``'s settings are the editor's (``editor.config(method)``), with ``overrides`` (e.g.
+    ``{"cut_weight": 0.0}``) and ``guidance`` over them.
     """
     if method not in METHODS_WITH_REF:
         raise ValueError(f"drift needs a method with a reference branch ({', '.join(METHODS_WITH_REF)}), got {method}")
-    config = editor.config(method, guidance=guidance)  # None: the model's
+    config = editor.config(method, **{**(overrides or {}), "guidance": guidance})  # None: the model's
     components = editor.components
     source = _latents(editor, [render(case.source)[0] for case in cases])
     target = _latents(editor, [render(case.target)[0] for case in cases])
@@ -157,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, default=None, help="default: the model's")
     parser.add_argument("--timesteps", default=",".join(map(str, TIMESTEPS)))
     parser.add_argument("--method", default="dds", choices=METHODS_WITH_REF)
+    parser.add_argument("--cut-weight", type=float, default=None, help="cds, ids: default: the model's")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
 
@@ -166,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     editor = Editor.from_pretrained(args.model, device=args.device)
     cases = evaluate.recolour_cases(args.cases, seed=args.seed)
     timesteps = tuple(int(t) for t in args.timesteps.split(","))
-    rows = drift_table(editor, cases, timesteps, draws=args.draws, guidance=args.guidance, method=args.method)
+    rows = drift_table(editor, cases, timesteps, draws=args.draws, guidance=args.guidance, method=args.method,
+                       overrides={"cut_weight": args.cut_weight})  # fmt: skip
     print(format_table(rows))
 
 

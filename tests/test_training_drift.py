@@ -48,11 +48,15 @@ def test_main_prints_one_line_per_timestep(capsys):
 
 def test_ids_does_not_drift_on_an_edit_that_changes_nothing(shapes_editor):
     # IDS noises the target with the corrected source noise: with source = target and one caption both
-    # branches see the same latent again, so its gradient too is exactly zero.
+    # branches see the same latent again, so its gradient too is exactly zero, without the CUT term (which
+    # the bundled model turns on: PatchNCE pulls even identical features apart from their neighbours).
     case = evaluate.recolour_cases(1, seed=5)[0]
     unchanged = evaluate.EditCase(0, case.source, case.source, seed=0)
-    (row,) = drift.drift_table(shapes_editor, [unchanged], timesteps=(300,), draws=1, method="ids")
+    (row,) = drift.drift_table(shapes_editor, [unchanged], timesteps=(300,), draws=1, method="ids",
+                               overrides={"cut_weight": 0.0})  # fmt: skip
     assert row.gradient == row.conditional == row.guided == 0.0
+    (with_cut,) = drift.drift_table(shapes_editor, [unchanged], timesteps=(300,), draws=1, method="ids")
+    assert with_cut.gradient > 0  # the model's own IDS: CUT weight 10
 
 
 def test_pds_drift_is_dds_drift_times_the_posterior_factor(shapes_editor):
