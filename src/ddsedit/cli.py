@@ -668,7 +668,7 @@ def eval_shapes_command(
         typer.Option(
             "--cases",
             help="Recolour cases (half white, half black). Each runs every method and the held DDS run: "
-            "40 cases take about 1.5 hours on 2 CPU cores (ids's step is 6x DDS's); --methods dds about 6 minutes.",
+            "40 cases take about 1.5 hours on 2 CPU cores (ids's step is 6-8x DDS's); --methods dds about 6 minutes.",
         ),
     ] = 40,
     swaps: Annotated[int, typer.Option("--swaps", help="Background swaps and shape swaps, each.")] = 8,
