@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check: the DDS benchmark for sd15 at 512x512 (fp16 against both references, CUDA graph,
 # torch.compile default and reduce-overhead, batch 4, bf16, then the methods beyond DDS), in one call (meant
-# to fit 6 minutes on an H100-class card; the rows added 2026-11-27 and 2026-12-01 have not been timed yet). Figures -> $OUT or ./bench-out.
+# to fit 6 minutes on an H100-class card; the rows added 2026-11-27 and 2026-12-01 have not been timed yet).
+# Figures -> $OUT or ./bench-out.
 # Runs from a checkout without installing: ddsedit is taken from src/ unless it is already installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
