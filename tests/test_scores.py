@@ -81,26 +81,69 @@ def test_sgd_step_equals_autograd_sgd_on_the_reference_loss() -> None:
     assert scores.GRADIENT_SCALE == pytest.approx(2000 / 4096)
 
 
-def test_pds_with_shared_noises_is_dds_weighted_by_timestep() -> None:
-    """With eps and eps' shared by both branches, the posterior samples' noise terms cancel:
-    z_tgt - z_src = sqrt(beta_t / (alpha_t * (1 - ab_prev))) * (eps_tgt - eps_src), a per-timestep weight on DDS.
+def _one_step_schedule(
+    alpha_bar: torch.Tensor, previous_alpha_bar: torch.Tensor, spacing: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A made-up schedule's one-step (beta, alpha) at t: with equal one-step alphas over the ``spacing`` steps
+    from t_prev to t, each is ``(abar_t / abar_prev) ** (1 / spacing)``."""
+    alpha = (alpha_bar / previous_alpha_bar) ** (1.0 / spacing)
+    return 1.0 - alpha, alpha
 
-    Derived by hand from the PDS equations (x_prev - mu) / sigma; checked here on random tensors.
+
+def _vector(value: float) -> torch.Tensor:
+    return torch.tensor([value], dtype=torch.float64)
+
+
+def test_posterior_noise_matches_the_ddpm_posterior_with_the_one_step_beta() -> None:
+    """One sample against hand arithmetic: mu = c0 * x0hat + c1 * x_t, sigma^2 = beta (1 - abar_prev) / (1 - abar_t)."""
+    clean, epsilon, noise, previous_noise = (torch.tensor([[[[value]]]], dtype=torch.float64)
+                                             for value in (0.5, -0.2, 0.3, 1.1))  # fmt: skip
+    beta, abar, abar_prev = 0.01, 0.36, 0.49  # the one-step beta, not 1 - 0.36 / 0.49
+    noisy = 0.6 * 0.5 + 0.8 * 0.3
+    x0hat = (noisy - 0.8 * -0.2) / 0.6
+    mean = math.sqrt(abar_prev) * beta / (1 - abar) * x0hat + math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar) * noisy
+    sigma = math.sqrt(beta * (1 - abar_prev) / (1 - abar))
+    expected = (0.7 * 0.5 + math.sqrt(0.51) * 1.1 - mean) / sigma
+    result = scores.posterior_noise(clean, epsilon, noise, previous_noise, beta=_vector(beta), alpha=_vector(1 - beta),
+                                    alpha_bar=_vector(abar), previous_alpha_bar=_vector(abar_prev))  # fmt: skip
+    assert float(result) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("spacing", [1, 2, 20])
+def test_pds_with_shared_noises_is_weighted_dds_plus_an_identity_term(spacing: int) -> None:
+    """With eps and eps' shared by both branches, the posterior samples' noise terms cancel and
+    z_tgt - z_src = (k * (x0_tgt - x0_src) + c0 * sqrt(1 - abar_t) / sqrt(abar_t) * (eps_tgt - eps_src)) / sigma,
+    with k = sqrt(abar_prev) - c0 - c1 * sqrt(abar_t) (c0, c1: the mean's weights on x0hat and x_t).
+
+    Derived by hand from (x_prev - mu) / sigma. On a grid of spacing 1, k = 0 and the weight is
+    sqrt(beta_t / (alpha_t * (1 - abar_prev))): DDS weighted by timestep. On coarser grids k > 0:
+    the one-step beta leaves a pull of the target back to the source.
     """
     generator = torch.Generator().manual_seed(3)
     shape = (2, 4, 5, 5)
     target, source, eps_target, eps_source, noise, previous_noise = (
         torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(6)
     )
-    alpha_bar = torch.tensor([0.30, 0.05], dtype=torch.float64)
     previous_alpha_bar = torch.tensor([0.33, 0.07], dtype=torch.float64)
+    alpha_bar = previous_alpha_bar * torch.tensor([0.985, 0.97], dtype=torch.float64) ** spacing
+    beta, alpha = _one_step_schedule(alpha_bar, previous_alpha_bar, spacing)
+    coefficients = {"beta": beta, "alpha": alpha, "alpha_bar": alpha_bar, "previous_alpha_bar": previous_alpha_bar}
     gradient = scores.pds_gradient(
-        scores.posterior_noise(target, eps_target, noise, previous_noise, alpha_bar, previous_alpha_bar),
-        scores.posterior_noise(source, eps_source, noise, previous_noise, alpha_bar, previous_alpha_bar),
+        scores.posterior_noise(target, eps_target, noise, previous_noise, **coefficients),
+        scores.posterior_noise(source, eps_source, noise, previous_noise, **coefficients),
     )
-    alpha = alpha_bar / previous_alpha_bar
-    weight = ((1 - alpha) / (alpha * (1 - previous_alpha_bar))).sqrt().view(-1, 1, 1, 1)
-    torch.testing.assert_close(gradient, weight * scores.dds_gradient(eps_target, eps_source), rtol=1e-10, atol=1e-10)
+    c0 = previous_alpha_bar.sqrt() * beta / (1 - alpha_bar)
+    c1 = alpha.sqrt() * (1 - previous_alpha_bar) / (1 - alpha_bar)
+    sigma = (beta * (1 - previous_alpha_bar) / (1 - alpha_bar)).sqrt()
+    identity = (previous_alpha_bar.sqrt() - c0 - c1 * alpha_bar.sqrt()) / sigma
+    weight = c0 * ((1 - alpha_bar) / alpha_bar).sqrt() / sigma
+    expected = identity.view(-1, 1, 1, 1) * (target - source) + weight.view(-1, 1, 1, 1) * (eps_target - eps_source)
+    torch.testing.assert_close(gradient, expected, rtol=1e-10, atol=1e-10)
+    if spacing == 1:
+        torch.testing.assert_close(identity, torch.zeros_like(identity), rtol=0, atol=1e-12)
+        torch.testing.assert_close(weight, (beta / (alpha * (1 - previous_alpha_bar))).sqrt(), rtol=1e-10, atol=0)
+    else:
+        assert bool((identity > 1e-3).all())
 
 
 def test_patch_nce_loss_against_a_loop() -> None:

@@ -19,7 +19,6 @@ so that the command line can check the settings before the slow imports.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from ddsedit.errors import InputError
+from ddsedit.settings import MASK_PANEL, declared, setting
 
 if TYPE_CHECKING:
     import torch
@@ -57,32 +57,31 @@ class AutoMaskSettings:
     edit's seed, or a random one); ``chunk_size``: samples per UNet call (memory, not the result).
     """
 
-    strength: float = 0.5
-    noises: int = 10
-    threshold: float = 1.5
-    grow: int = 2
+    strength: float = setting(
+        0.5, "How far the source is noised, as a fraction of a 50-step DDIM grid.", panel=MASK_PANEL,
+        flags=("--mask-strength",), minimum=1 / DDIM_GRID_STEPS, maximum=1,
+    )  # fmt: skip
+    noises: int = setting(10, "Noise draws averaged.", panel=MASK_PANEL, flags=("--mask-noises",), minimum=1,
+                          maximum=10_000)  # fmt: skip
+    threshold: float = setting(
+        1.5, "Editable where the prediction difference exceeds this times its mean.", panel=MASK_PANEL,
+        flags=("--mask-threshold",), minimum=0, above_minimum=True, maximum=1000,
+    )  # fmt: skip
+    grow: int = setting(2, "Pixels to grow it by, at the source's size.", panel=MASK_PANEL, flags=("--mask-grow",),
+                        minimum=0, maximum=10_000)  # fmt: skip
     seed: int | None = None
     chunk_size: int = 8
 
     def validate(self) -> None:
         """Raise InputError for settings that cannot work, naming the flag."""
-        checks = [
-            (
-                math.isfinite(self.strength) and 1 / DDIM_GRID_STEPS <= self.strength <= 1,
-                f"--mask-strength must be in [{1 / DDIM_GRID_STEPS}, 1], got {self.strength}",
-            ),
-            (isinstance(self.noises, int) and self.noises >= 1, f"--mask-noises must be >= 1, got {self.noises}"),
-            (
-                math.isfinite(self.threshold) and self.threshold > 0,
-                f"--mask-threshold must be > 0, got {self.threshold}",
-            ),
-            (isinstance(self.grow, int) and self.grow >= 0, f"--mask-grow must be >= 0 pixels, got {self.grow}"),
-            (self.seed is None or 0 <= self.seed < 2**63, f"mask seed must be in [0, 2^63), got {self.seed}"),
-            (self.chunk_size >= 1, f"mask chunk size must be >= 1, got {self.chunk_size}"),
-        ]
-        for passed, message in checks:
-            if not passed:
-                raise InputError(message)
+        for item in declared(AutoMaskSettings):
+            problem = item.problem(getattr(self, item.name))
+            if problem:
+                raise InputError(problem)
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InputError(f"mask seed must be in [0, 2^63), got {self.seed}")
+        if self.chunk_size < 1:
+            raise InputError(f"mask chunk size must be >= 1, got {self.chunk_size}")
 
     def replace(self, **overrides: Any) -> AutoMaskSettings:
         """A copy with ``overrides`` applied; ``None`` values are ignored (flag not given)."""
@@ -197,41 +196,48 @@ def mask_from_predictions(
 def noise_predictions(
     unet: torch.nn.Module,
     latents: torch.Tensor,
-    ref_embedding: torch.Tensor,
-    query_embedding: torch.Tensor,
+    ref_embedding: Any,
+    query_embedding: Any,
     timestep: int,
     alphas_cumprod: torch.Tensor,
     prediction_type: str,
     noises: int,
     generator: torch.Generator,
     chunk_size: int,
+    call: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The noise predictions under the ref and the query for ``noises`` noisings of ``latents`` [1, C, h, w].
 
     One batched pass of 2 x ``noises`` samples, ``chunk_size`` samples per UNet call, without autograd;
     v-predictions are converted to noise predictions. Returns ``(eps_ref, eps_query)``, each [noises, C, h, w],
     fp32. Both prompts see the same noisy latents, so the noise itself cancels in their difference.
+    ``ref_embedding`` and ``query_embedding`` are one-row conditionings (tensors: SD's); ``call`` is the family's
+    denoiser call (default: SD's UNet).
     """
     import torch
 
     from ddsedit import scores
-    from ddsedit.optimize import predict_epsilon
+    from ddsedit.conditioning import Conditioning, call_unet
+
+    call = call or call_unet
+    ref_embedding = ref_embedding if isinstance(ref_embedding, Conditioning) else Conditioning(ref_embedding)
+    query_embedding = query_embedding if isinstance(query_embedding, Conditioning) else Conditioning(query_embedding)
 
     device = latents.device
     alpha_bar = alphas_cumprod.to(device=device, dtype=torch.float32)[timestep]
     noise = torch.randn((noises, *latents.shape[1:]), generator=generator, device=device, dtype=torch.float32)
     noisy = scores.add_noise(latents.float().expand(noises, -1, -1, -1), noise, alpha_bar.repeat(noises))
     batch = torch.cat([noisy, noisy])
-    embeddings = torch.cat([ref_embedding.expand(noises, -1, -1), query_embedding.expand(noises, -1, -1)])
+    embeddings = Conditioning.cat([ref_embedding.expand(noises), query_embedding.expand(noises)])
     predictions = []
     with torch.no_grad():
         for start in range(0, batch.shape[0], chunk_size):
             chunk = batch[start : start + chunk_size]
             count = chunk.shape[0]
             timesteps = torch.full((count,), timestep, device=device, dtype=torch.long)
+            prediction = call(unet, chunk, timesteps, embeddings.rows(start, start + count)).float()
             predictions.append(
-                predict_epsilon(unet, chunk, timesteps, embeddings[start : start + count], alpha_bar.repeat(count),
-                                prediction_type)  # fmt: skip
+                scores.epsilon_from_prediction(prediction, chunk, alpha_bar.repeat(count), prediction_type)
             )
     epsilon = torch.cat(predictions)
     return epsilon[:noises], epsilon[noises:]

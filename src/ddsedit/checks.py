@@ -7,7 +7,7 @@ manifest can report every reason of a row; each ``check_*`` raises the first as 
 from __future__ import annotations
 
 from ddsedit.errors import InputError
-from ddsedit.names import METHODS_WITH_REF, PREDICTION_TYPES
+from ddsedit.names import PREDICTION_TYPES
 
 
 def _is_blank(prompt: object) -> bool:
@@ -22,7 +22,9 @@ def prompt_problems(method: str, query: object, ref: object, prefix: str = "") -
     problems = []
     if _is_blank(query):
         problems.append(f"{prefix}query must not be empty")
-    if method in METHODS_WITH_REF and _is_blank(ref):
+    from ddsedit.methods import get_method, method_names
+
+    if method in method_names() and get_method(method).needs_ref and _is_blank(ref):
         problems.append(f"{prefix}ref must not be empty: {method} needs a description of what the source shows")
     return problems
 

@@ -1,16 +1,18 @@
-"""The Python API: load a model once, then edit images with SDS, DDS, masked DDS, CDS, PDS or IDS.
+"""The Python API: load a model once, then edit images with any registered method (SDS, DDS, masked DDS, CDS, PDS,
+IDS).
 
     from ddsedit import Editor
     editor = Editor.from_pretrained("shapes")
     edited = editor.dds("cat.png", ref="a photo of a cat", query="a photo of a dog")
     edited.save("dog.png")
 
-The pipeline is image -> VAE latents -> :func:`ddsedit.optimize.distill` -> decode -> image.
+An edit reads like a diffusers pipeline: :meth:`Editor.encode_prompt`, :meth:`Editor.prepare_latents`,
+:meth:`Editor.prepare_mask`, :meth:`Editor.distill` (the loop of :mod:`ddsedit.optimize`), :meth:`Editor.decode`.
+Requests are checked and loaded by :mod:`ddsedit.requests`; what the output records is :mod:`ddsedit.metadata`'s.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import warnings
@@ -22,18 +24,23 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ddsedit import __version__, automask, imageio
+from ddsedit import __version__, automask, imageio, metadata
 from ddsedit.automask import AutoMaskSettings
 from ddsedit.checks import check_prompts
-from ddsedit.errors import DDSEditError, InputError
+from ddsedit.conditioning import Conditioning
+from ddsedit.errors import InputError
+from ddsedit.families import Family
+from ddsedit.gradients import PromptEmbeddings
 from ddsedit.loading import ModelComponents, load_model, resolve_device
-from ddsedit.names import MASK_OPTIONAL_METHODS, MASKED_METHOD, METHODS_WITH_REF
-from ddsedit.optimize import GRAPHABLE_METHODS, METHODS, LoopSettings, MethodOptions, PromptEmbeddings, distill
-from ddsedit.settings import METHOD_FIELDS, EditConfig, resolve_config
+from ddsedit.metadata import edit_parameters, webui_parameters
+from ddsedit.methods import Method, get_method
+from ddsedit.optimize import LoopSettings
+from ddsedit.optimize import distill as distill_loop
+from ddsedit.requests import EditRequest, ImageLike, PreparedRequest, load_rgb, prepare_request
+from ddsedit.settings import EditConfig, apply_settings, resolve_config
 
 __all__ = ["EditConfig", "EditRequest", "EditResult", "Editor", "edit_parameters", "save_result", "webui_parameters"]
 
-ImageLike = str | os.PathLike | Image.Image
 MaskLike = ImageLike | AutoMaskSettings  # a mask image or path, "auto", or how to draw it
 ProgressCallback = Callable[[int, int], None]
 
@@ -49,124 +56,8 @@ class EditResult:
     mask: Image.Image | None = None  # the binary mask the edit used (white = editable), at the source's size
 
     def metadata(self) -> dict[str, str]:
-        """Text for the output file: each parameter, all of them as JSON under ``ddsedit``, and
-        ``parameters`` in the form Stable Diffusion web UIs write (which image browsers show)."""
-        text = {key: str(value) for key, value in self.parameters.items()}
-        text["ddsedit"] = json.dumps(self.parameters, sort_keys=True)
-        text["parameters"] = webui_parameters(self.parameters, self.image.size)
-        return text
-
-
-def _webui_value(value: Any) -> str:
-    """A value as web UIs write it in ``Key: value, ...``: quoted when it holds a comma, colon or newline."""
-    text = str(value)
-    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:\n"') else text
-
-
-def webui_parameters(parameters: dict[str, Any], size: tuple[int, int]) -> str:
-    """The ``parameters`` text of Stable Diffusion web UIs: the prompt (here the query), ``Negative prompt:``,
-    then ``Steps: ..., CFG scale: ..., Seed: ..., Size: WxH, Model: ...`` and ddsedit's own fields."""
-    fields: dict[str, Any] = {
-        "Steps": parameters["steps"],
-        "CFG scale": parameters["guidance"],
-        "Seed": parameters["seed"],
-        "Size": f"{size[0]}x{size[1]}",
-        "Model": parameters.get("model", ""),
-        "Method": parameters["method"],
-    }
-    if parameters.get("ref"):
-        fields["Ref prompt"] = parameters["ref"]
-    fields.update({"Learning rate": parameters["lr"], "Timesteps": f"{parameters['t_min']}-{parameters['t_max'] - 1}"})
-    method_fields = METHOD_FIELDS.get(parameters["method"], ())
-    fields.update(
-        {name.replace("_", " ").capitalize(): parameters[name] for name in method_fields if name in parameters}
-    )
-    if "feather" in parameters:
-        fields.update({"Paste back": parameters["paste_back"], "Feather": parameters["feather"]})
-    if parameters.get("mask") == automask.AUTO_MASK:
-        fields.update({
-            "Mask": "auto", "Mask strength": parameters["mask_strength"], "Mask noises": parameters["mask_noises"],
-            "Mask threshold": parameters["mask_threshold"], "Mask grow": parameters["mask_grow"],
-            "Mask seed": parameters["mask_seed"],
-        })  # fmt: skip
-    fields["Version"] = f"ddsedit {parameters.get('ddsedit_version', __version__)}"
-    lines = [str(parameters["query"])]
-    if parameters.get("negative"):
-        lines.append(f"Negative prompt: {parameters['negative']}")
-    lines.append(", ".join(f"{key}: {_webui_value(value)}" for key, value in fields.items()))
-    return "\n".join(lines)
-
-
-
-def edit_parameters(
-    method: str, ref: str, query: str, seed: int, config: EditConfig, masked: bool = False,
-    auto_mask: AutoMaskSettings | None = None,
-) -> dict[str, Any]:
-    """What decides an edit's result, as its output's metadata records it (batch resume compares these).
-
-    ``masked``: a mask was given (masked-dds always has one; cds, pds and ids may). ``auto_mask`` (its
-    seed set): the settings of an automatic mask, recorded as ``mask: auto`` and ``mask_*``.
-    """
-    parameters: dict[str, Any] = {
-        "method": method,
-        "ref": ref,
-        "query": query,
-        "negative": config.negative,
-        "seed": seed,
-        "steps": config.steps,
-        "guidance": config.guidance,
-        "lr": config.lr,
-        "t_min": config.t_min,
-        "t_max": config.t_max,
-        "size": config.size,
-    }
-    parameters.update(config.method_fields(method))
-    if method == MASKED_METHOD or masked:
-        parameters.update(paste_back=config.paste_back, feather=config.feather)
-    if auto_mask is not None:
-        parameters.update(auto_mask.recorded())
-    return parameters
-
-
-@dataclass
-class EditRequest:
-    """One image to edit in a batch: its prompts, its mask (masked-dds; optional for cds, pds, ids), its own seed.
-
-    ``start`` (optional) is the image the optimisation starts from instead of ``image``, e.g. an
-    earlier result to continue; ``image`` stays the source that DDS compares against.
-    """
-
-    image: ImageLike
-    query: str
-    ref: str | None = None
-    mask: ImageLike | AutoMaskSettings | None = None  # "auto" or AutoMaskSettings: drawn from the prompts
-    seed: int | None = None  # None: the config's seed (or a random one)
-    start: ImageLike | None = None
-    # SHA-256 of the source and mask files, recorded in the output (computed here when they are paths;
-    # callers that pass loaded images, like batch, pass the hashes of the files they loaded).
-    source_sha256: str | None = None
-    mask_sha256: str | None = None
-
-
-@dataclass
-class _Prepared:
-    """A request after checking: the loaded source, binary mask, chosen seed and working size."""
-
-    source: Image.Image
-    query: str
-    ref: str
-    mask: Image.Image | None
-    seed: int
-    working_size: tuple[int, int]
-    start: Image.Image | None = None
-    start_label: str | None = None  # what the metadata records as the start: a path, or "image"
-    source_sha256: str | None = None
-    mask_sha256: str | None = None
-    auto_mask: AutoMaskSettings | None = None  # how the mask was drawn, when automatic (its seed set)
-
-
-def _load_rgb(image: ImageLike) -> Image.Image:
-    return (image if isinstance(image, Image.Image) else imageio.load_image(image)).convert("RGB")
+        """Text for the output file (see :func:`ddsedit.metadata.file_text`)."""
+        return metadata.file_text(self.parameters, self.image.size)
 
 
 class Editor:
@@ -179,7 +70,7 @@ class Editor:
         self.dtype = dtype
         self.keep_text_encoder = keep_text_encoder
         self.cuda_graph = cuda_graph
-        self._embedding_cache: dict[str, torch.Tensor] = {}
+        self._prompt_cache: dict[str, Conditioning] = {}
 
     @classmethod
     def from_pretrained(
@@ -203,7 +94,7 @@ class Editor:
         only while it runs (accelerate), for small GPUs; ``compile_unet`` wraps the UNet in
         ``torch.compile`` (the first steps then pay the compile time); ``cuda_graph`` records
         one optimisation step as a CUDA graph and replays it (CUDA only; not with
-        ``cpu_offload`` or ``compile_unet``).
+        ``cpu_offload`` or ``compile_unet``; only methods declared graphable).
         """
         if cuda_graph:
             if cpu_offload or compile_unet:
@@ -218,50 +109,53 @@ class Editor:
             components.unet = torch.compile(components.unet)
         return cls(components, torch_device, torch_dtype, keep_text_encoder=keep_text_encoder, cuda_graph=cuda_graph)
 
+    @property
+    def family(self) -> Family:
+        return self.components.family
+
     # ------------------------------------------------------------------ settings
 
     def config(self, method: str = "dds", **overrides: Any) -> EditConfig:
         """Settings for ``method`` on this model: the paper's defaults, the method's, the model's
         ``ddsedit.json`` (see :func:`ddsedit.settings.resolve_config`), then ``overrides``."""
-        return resolve_config(method, self.components.defaults, overrides)
+        return resolve_config(get_method(method), self.components.defaults, overrides,
+                              self.components.defaults_source, self.family)  # fmt: skip
 
-    # ------------------------------------------------------------------ text
+    def _config_for(self, method: Method, config: EditConfig | None) -> EditConfig:
+        """``config`` for ``method``: the model's defaults for the method's options when ``config`` holds another's."""
+        if config is None:
+            return self.config(method.name)
+        if type(config.options) is not method.options:
+            resolved = self.config(method.name)
+            return apply_settings(resolved, {k: v for k, v in config.settings().items() if k in _shared_names()})
+        return config
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """CLIP embeddings [len(prompts), tokens, dim] (cached: the text encoder may be freed)."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._embedding_cache]
+    # ------------------------------------------------------------------ the pipeline's parts
+
+    def encode_prompt(self, prompts: list[str]) -> Conditioning:
+        """The family's conditioning of each prompt, one row each (cached: the text encoder may be freed)."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
-            text_encoder = self.components.text_encoder
-            if text_encoder is None:
-                raise DDSEditError("the text encoder was freed; load the model again to encode new prompts")
-            tokenizer = self.components.tokenizer
-            tokens = tokenizer(
-                missing, padding="max_length", max_length=tokenizer.model_max_length,
-                truncation=True, return_tensors="pt",
-            ).input_ids.to(self.device)  # fmt: skip
-            with torch.no_grad():
-                hidden = text_encoder(tokens, return_dict=False)[0]
-            for prompt, embedding in zip(missing, hidden, strict=True):
-                self._embedding_cache[prompt] = embedding
+            encoded = self.family.function("encode_prompts")(self.components, missing, self.device)
+            for index, prompt in enumerate(missing):
+                self._prompt_cache[prompt] = encoded.rows(index, index + 1)
         if not self.keep_text_encoder and self.components.text_encoder is not None:
             self.components.text_encoder = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-        return torch.stack([self._embedding_cache[p] for p in prompts]).to(self.dtype)
+        return Conditioning.cat([self._prompt_cache[p] for p in prompts]).to(self.dtype)
 
     def cached_prompt_count(self) -> int:
-        """How many prompts' embeddings are cached."""
-        return len(self._embedding_cache)
+        """How many prompts' conditionings are cached."""
+        return len(self._prompt_cache)
 
     def clear_prompt_cache(self) -> None:
-        """Forget cached prompt embeddings (a long batch would grow the cache without bound).
+        """Forget cached prompt conditionings (a long batch would grow the cache without bound).
 
         Only possible while the text encoder is kept: otherwise the prompts could not be encoded again.
         """
         if self.components.text_encoder is not None:
-            self._embedding_cache.clear()
-
-    # ------------------------------------------------------------------ VAE
+            self._prompt_cache.clear()
 
     def _run_vae(self, function: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
         """Run a VAE function; if half precision overflows (SD 2.x/SDXL VAEs), rerun it in fp32."""
@@ -276,18 +170,61 @@ class Editor:
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels [K, 3, h, w] in [-1, 1] -> scaled latents (the posterior's mean, not a sample)."""
         vae = self.components.vae
-        config = vae.config
-        shift = getattr(config, "shift_factor", None) or 0.0
+        scale, shift = self.family.function("latent_scaling")(vae.config)
         latents = self._run_vae(lambda x: vae.encode(x).latent_dist.mean, pixels.to(self.device))
-        return (latents - shift) * config.scaling_factor
+        return (latents - shift) * scale
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> pixels [K, 3, h, w] in [-1, 1] (fp32, on the CPU)."""
         vae = self.components.vae
-        config = vae.config
-        shift = getattr(config, "shift_factor", None) or 0.0
-        unscaled = latents / config.scaling_factor + shift
-        return self._run_vae(lambda z: vae.decode(z, return_dict=False)[0], unscaled).clamp(-1, 1).cpu()
+        scale, shift = self.family.function("latent_scaling")(vae.config)
+        return self._run_vae(lambda z: vae.decode(z, return_dict=False)[0], latents / scale + shift).clamp(-1, 1).cpu()
+
+    def prepare_latents(self, prepared: list[PreparedRequest]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The sources' latents, and the starts' where some request starts elsewhere (else None)."""
+        working = prepared[0].working_size
+        source_latents = self.encode_image(
+            torch.cat([imageio.image_to_tensor(item.source, working) for item in prepared])
+        )
+        if all(item.start is None for item in prepared):
+            return source_latents, None
+        starts = [item.source if item.start is None else item.start for item in prepared]
+        return source_latents, self.encode_image(torch.cat([imageio.image_to_tensor(s, working) for s in starts]))
+
+    def prepare_mask(self, prepared: list[PreparedRequest], negative: str,
+                     latent_size: tuple[int, int]) -> torch.Tensor | None:  # fmt: skip
+        """Draw the automatic masks, then the latent mask [K, 1, h, w] (ones for requests without a mask), or None."""
+        for item in prepared:
+            if item.auto_mask is not None and item.mask is None:
+                item.mask = self._draw_auto_mask(item.source, item.ref, item.query, item.auto_mask,
+                                                 item.working_size, negative)  # fmt: skip
+        if all(item.mask is None for item in prepared):
+            return None
+        width, height = latent_size
+        return torch.cat([
+            torch.ones(1, 1, height, width) if item.mask is None else imageio.mask_to_latent(item.mask, latent_size)
+            for item in prepared
+        ]).to(self.device)  # fmt: skip
+
+    def distill(
+        self, method: Method, config: EditConfig, source_latents: torch.Tensor, embeddings: PromptEmbeddings,
+        seeds: list[int], mask: torch.Tensor | None = None, initial_latents: torch.Tensor | None = None,
+        on_step: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> tuple[torch.Tensor, int]:  # fmt: skip
+        """The optimisation (:func:`ddsedit.optimize.distill`): the final latents and the steps that had
+        non-finite gradient elements."""
+        nonfinite: list[int] = []
+        generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
+        settings = LoopSettings(method.name, config.steps, config.guidance, config.lr, config.t_min, config.t_max,
+                                config.options)  # fmt: skip
+        latents = distill_loop(
+            self.components.unet, source_latents, embeddings, self.components.alphas_cumprod,
+            self.components.prediction_type, settings, generators, mask=mask, on_step=on_step,
+            cuda_graph=self.cuda_graph, initial_latents=initial_latents, on_nonfinite=nonfinite.append,
+            scheduler_config=self.components.scheduler_config, call=self.family.function("call_denoiser"),
+            betas=self.components.betas,
+        )  # fmt: skip
+        return latents, sum(nonfinite)
 
     # ------------------------------------------------------------------ editing
 
@@ -304,7 +241,7 @@ class Editor:
     ) -> EditResult:
         """Edit one image and return the result with its parameters (and frames if asked).
 
-        ``method`` is one of ``sds``, ``dds``, ``masked-dds``, ``cds``, ``pds``, ``ids``; ``ref``
+        ``method`` is a registered method (``sds``, ``dds``, ``masked-dds``, ``cds``, ``pds``, ``ids``); ``ref``
         describes the source image (needed by all but sds), ``query`` the wanted result; ``mask``
         (white = editable) is needed by ``masked-dds`` and optional for cds, pds and ids: an image,
         a path, or ``"auto"`` (or an :class:`~ddsedit.automask.AutoMaskSettings`) to draw it from the
@@ -322,50 +259,41 @@ class Editor:
         config: EditConfig | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> list[EditResult]:
-        """Edit K images at once, sharing each step's UNet call (a batch of 4K for DDS).
+        """Edit K images at once, sharing each step's denoiser call (a batch of 4K for DDS).
 
         The images must have the same working size. Each image draws its timesteps and
         noise from its own generator (its request's seed, else ``config.seed``), so an image
         edited in a batch gets the same result as when edited alone, up to float rounding.
         """
-        if method not in METHODS:
-            raise InputError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-        if self.cuda_graph and method not in GRAPHABLE_METHODS:
-            raise InputError(f"--cuda-graph records {', '.join(GRAPHABLE_METHODS)} steps, not {method}")
+        declaration = get_method(method)
+        if self.cuda_graph and not declaration.graphable:
+            raise InputError(f"--cuda-graph: a CUDA graph cannot record {method}'s step")
+        if self.family.name not in declaration.families:
+            raise InputError(f"{method} does not support {self.family.label} models")
         if not requests:
             return []
-        config = config or self.config(method)
-        config.validate_for(method, self.components.num_train_timesteps)
-        prepared = [self._prepare(request, method, config) for request in requests]
+        config = self._config_for(declaration, config)
+        config.validate(self.components.num_train_timesteps)
+        problem = declaration.problem(config, self.components.num_train_timesteps)
+        if problem:
+            raise InputError(problem)
+        stride = self.components.vae_scale_factor
+        prepared = [prepare_request(request, declaration, config, stride) for request in requests]
         working = prepared[0].working_size
         if any(item.working_size != working for item in prepared):
             sizes = sorted({f"{w}x{h}" for w, h in (item.working_size for item in prepared)})
             raise InputError(f"images in one batch need the same working size, got {', '.join(sizes)}")
 
-        embeddings = self.encode_prompts(
+        count = len(prepared)
+        prompts = self.encode_prompt(
             [config.negative] + [item.ref for item in prepared] + [item.query for item in prepared]
         )
-        count = len(prepared)
-        prompt_embeddings = PromptEmbeddings(
-            unconditional=embeddings[0:1].expand(count, -1, -1),
-            source=embeddings[1 : 1 + count],
-            target=embeddings[1 + count :],
-        )
-        pixels = torch.cat([imageio.image_to_tensor(item.source, working) for item in prepared])
-        source_latents = self.encode_image(pixels)
-        initial_latents = None
-        if any(item.start is not None for item in prepared):
-            starts = [item.source if item.start is None else item.start for item in prepared]
-            start_pixels = torch.cat([imageio.image_to_tensor(start, working) for start in starts])
-            initial_latents = self.encode_image(start_pixels)
-        latent_mask = None
-        if any(item.mask is not None for item in prepared):
-            latent_size = (source_latents.shape[-1], source_latents.shape[-2])
-            latent_mask = torch.cat([
-                torch.ones(1, 1, latent_size[1], latent_size[0]) if item.mask is None
-                else imageio.mask_to_latent(item.mask, latent_size)
-                for item in prepared
-            ]).to(self.device)  # fmt: skip
+        embeddings = PromptEmbeddings(
+            unconditional=prompts.rows(0, 1).expand(count), source=prompts.rows(1, 1 + count),
+            target=prompts.rows(1 + count, 1 + 2 * count),
+        )  # fmt: skip
+        source_latents, initial_latents = self.prepare_latents(prepared)
+        latent_mask = self.prepare_mask(prepared, config.negative, (source_latents.shape[-1], source_latents.shape[-2]))
 
         frames: list[list[tuple[int, Image.Image]]] = [[] for _ in prepared]
         if config.save_every:
@@ -374,26 +302,16 @@ class Editor:
 
         def on_step(step: int, latents: torch.Tensor) -> None:
             if config.save_every and (step % config.save_every == 0 or step == config.steps):
-                decoded = self.decode_latents(latents)
+                decoded = self.decode(latents)
                 for index, item_frames in enumerate(frames):
                     item_frames.append((step, imageio.tensor_to_image(decoded[index])))
             if on_progress is not None:
                 on_progress(step, config.steps)
 
-        def on_nonfinite(count: int) -> None:
-            nonfinite_steps_seen.append(count)
-
-        nonfinite_steps_seen: list[int] = []
-        generators = [torch.Generator(device=self.device).manual_seed(item.seed) for item in prepared]
-        settings = LoopSettings(
-            method, config.steps, config.guidance, config.lr, config.t_min, config.t_max, method_options(config)
-        )
-        latents = distill(
-            self.components.unet, source_latents, prompt_embeddings, self.components.alphas_cumprod,
-            self.components.prediction_type, settings, generators, mask=latent_mask, on_step=on_step,
-            cuda_graph=self.cuda_graph, initial_latents=initial_latents, on_nonfinite=on_nonfinite,
+        latents, nonfinite_steps = self.distill(
+            declaration, config, source_latents, embeddings, [item.seed for item in prepared], mask=latent_mask,
+            initial_latents=initial_latents, on_step=on_step,
         )  # fmt: skip
-        nonfinite_steps = sum(nonfinite_steps_seen)
         if nonfinite_steps:
             warnings.warn(
                 f"the model returned NaN or infinite values in {nonfinite_steps} of {config.steps} steps; "
@@ -401,7 +319,7 @@ class Editor:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        decoded = self.decode_latents(latents)
+        decoded = self.decode(latents)
         results = [
             self._finish(item, imageio.tensor_to_image(decoded[index]), method, config, frames[index])
             for index, item in enumerate(prepared)
@@ -410,53 +328,8 @@ class Editor:
             result.nonfinite_steps = nonfinite_steps
         return results
 
-    def _prepare(self, request: EditRequest, method: str, config: EditConfig) -> _Prepared:
-        """Check one request and load its image and mask."""
-        check_prompts(method, request.query, request.ref or "")
-        query = request.query
-        ref = (request.ref or "") if method in METHODS_WITH_REF else ""
-        source = _load_rgb(request.image)
-        binary_mask = None
-        auto_mask = None  # an automatic mask is drawn below, once the seed and the working size are known
-        if method == MASKED_METHOD and request.mask is None:
-            raise InputError("masked-dds needs a --mask (white = editable)")
-        if request.mask is not None and method not in (MASKED_METHOD, *MASK_OPTIONAL_METHODS):
-            raise InputError(f"{method} takes no mask: use masked-dds, or one of {', '.join(MASK_OPTIONAL_METHODS)}")
-        if request.mask is not None:
-            auto_mask = automask.requested_settings(request.mask)
-            mask = request.mask
-            if auto_mask is None and not isinstance(mask, Image.Image):
-                mask = imageio.load_image(mask, what="mask", background=imageio.BLACK)
-            if auto_mask is None:
-                binary_mask = imageio.binarize_mask(mask, source.size)
-        seed = request.seed if request.seed is not None else config.seed
-        if seed is None:
-            seed = random.SystemRandom().randrange(2**31)
-        start, start_label = None, None
-        if isinstance(request.start, Image.Image):
-            start, start_label = request.start.convert("RGB"), "image"
-        elif request.start is not None:
-            start, start_label = imageio.load_image(request.start, "start image"), str(request.start)
-        if start is not None:
-            imageio.check_start_size(start, source)
-        stride = self.components.vae_scale_factor
-        working = imageio.working_size(source.width, source.height, config.size, stride)
-        if auto_mask is not None:
-            auto_mask = auto_mask.replace(seed=seed) if auto_mask.seed is None else auto_mask  # the edit's seed
-            binary_mask = self._draw_auto_mask(source, ref, query, auto_mask, working, config.negative)
-        source_sha256 = request.source_sha256
-        if source_sha256 is None and not isinstance(request.image, Image.Image):
-            source_sha256 = imageio.file_sha256(request.image)
-        mask_sha256 = None
-        if binary_mask is not None and auto_mask is None:
-            mask_sha256 = request.mask_sha256
-            if mask_sha256 is None and not isinstance(request.mask, Image.Image):
-                mask_sha256 = imageio.file_sha256(request.mask)
-        return _Prepared(source, query, ref, binary_mask, seed, working, start, start_label, source_sha256,
-                         mask_sha256, auto_mask)  # fmt: skip
-
     def _finish(
-        self, item: _Prepared, edited: Image.Image, method: str, config: EditConfig,
+        self, item: PreparedRequest, edited: Image.Image, method: str, config: EditConfig,
         frames: list[tuple[int, Image.Image]],
     ) -> EditResult:  # fmt: skip
         """Resize back (unless the working size is kept), paste the source outside the mask, record the parameters."""
@@ -508,7 +381,7 @@ class Editor:
         if settings.seed is None:
             settings = settings.replace(seed=random.SystemRandom().randrange(2**31))
         settings.validate()
-        source = _load_rgb(image)
+        source = load_rgb(image)
         longest_side = size or self.config().size
         working = imageio.working_size(source.width, source.height, longest_side, self.components.vae_scale_factor)
         mask = self._draw_auto_mask(source, ref, query, settings, working)
@@ -531,13 +404,13 @@ class Editor:
             raise InputError(automask.SAME_PROMPTS_MESSAGE)
         assert settings.seed is not None  # callers resolve it, so that it can be recorded
         latents = self.encode_image(imageio.image_to_tensor(source, working))
-        embeddings = self.encode_prompts([ref, query, negative])
+        prompts = self.encode_prompt([ref, query, negative])
         generator = torch.Generator(device=self.device).manual_seed(settings.seed)
         ref_epsilon, query_epsilon = automask.noise_predictions(
-            self.components.unet, latents, embeddings[0:1], embeddings[1:2],
+            self.components.unet, latents, prompts.rows(0, 1), prompts.rows(1, 2),
             automask.strength_timestep(settings.strength, self.components.num_train_timesteps),
             self.components.alphas_cumprod, self.components.prediction_type, settings.noises, generator,
-            settings.chunk_size,
+            settings.chunk_size, call=self.family.function("call_denoiser"),
         )  # fmt: skip
         return automask.mask_from_predictions(ref_epsilon, query_epsilon, settings, source.size)
 
@@ -577,13 +450,12 @@ class Editor:
         return self.edit(image, method, query=query, ref=ref, mask=mask, config=config).image
 
 
-def method_options(config: EditConfig) -> MethodOptions:
-    """The loop's view of the settings beyond DDS."""
-    return MethodOptions(
-        dds_weight=config.dds_weight, cut_weight=config.cut_weight, cut_patches=config.cut_patches,
-        cut_patch_sizes=tuple(config.cut_patch_sizes), cut_temperature=config.cut_temperature,
-        pds_grid=config.pds_grid, identity_steps=config.identity_steps, identity_weight=config.identity_weight,
-    )  # fmt: skip
+
+
+def _shared_names() -> set[str]:
+    from ddsedit.settings import declared
+
+    return {item.name for item in declared(EditConfig)}
 
 
 def save_result(result: EditResult, path: str | Path, overwrite: bool = False) -> Path:

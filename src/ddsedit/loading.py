@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ddsedit.errors import InputError, ModelError
+from ddsedit.families import DEFAULT_FAMILY, FAMILIES, Family
 from ddsedit.formats import PICKLE_SUFFIXES
 from ddsedit.names import DEFAULT_PREDICTION_TYPE, PREDICTION_TYPES
 
@@ -54,6 +55,10 @@ class ModelComponents:
     source: str  # how the user named the model
     identity: str = ""  # the resolved model (see model_identity): what outputs record and batch resume compares
     defaults: dict[str, Any] = field(default_factory=dict)
+    defaults_source: str = DEFAULTS_FILE  # where ``defaults`` came from, as errors name it
+    scheduler_config: dict[str, Any] = field(default_factory=dict)  # the scheduler's config (PDS's grid)
+    betas: Any = None  # torch.Tensor [num_train_timesteps], the one-step betas (PDS's posterior)
+    family: Family = field(default_factory=lambda: FAMILIES[DEFAULT_FAMILY])
 
     @property
     def vae_scale_factor(self) -> int:
@@ -283,9 +288,11 @@ def load_model(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     kind, path = locate_model(model, allow_pickle=allow_pickle)
+    defaults_source = DEFAULTS_FILE
     if kind == "folder":
         parts = _load_folder(path, torch_dtype)
         defaults = read_defaults(path)
+        defaults_source = str(path / DEFAULTS_FILE)
     else:
         from ddsedit.checkpoints import load_single_file
 
@@ -319,6 +326,10 @@ def load_model(
         source=str(model if model is not None else default_model()),
         identity=model_identity(model, kind, path),
         defaults=defaults,
+        defaults_source=defaults_source,
+        scheduler_config=dict(scheduler_config),
+        betas=parts["scheduler"].betas.float(),
+        family=FAMILIES[DEFAULT_FAMILY],
     )
     return components, torch_device, torch_dtype
 

@@ -1,7 +1,8 @@
 """Batch manifests: read a JSONL or CSV manifest and check every row, without torch.
 
 Each row names ``src``, ``query`` and optionally ``ref``, ``method``, ``mask`` (a file, or ``auto``:
-drawn from the prompts), ``seed``, ``steps``, ``guidance``, ``lr`` and ``out``; paths are relative to
+drawn from the prompts), ``seed``, ``steps``, ``guidance``, ``lr``, ``out`` and any option of its method
+(``cut_weight``, ``identity_steps``, ...: see :func:`columns`); paths are relative to
 the manifest's folder, absent columns take the command-line defaults; ``out`` is a file name ending in one of
 :data:`ddsedit.formats.OUTPUT_SUFFIXES`, whose format it is written in (default:
 ``<src stem>.<method>.png``). :func:`load_manifest` returns the valid rows
@@ -14,10 +15,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,18 @@ from ddsedit.automask import AUTO_MASK, SAME_PROMPTS_MESSAGE
 from ddsedit.checks import prompt_problems
 from ddsedit.errors import InputError
 from ddsedit.formats import has_output_suffix, output_suffixes_text
-from ddsedit.names import MASK_OPTIONAL_METHODS, MASKED_METHOD, METHODS
+from ddsedit.methods import MASK_NONE, MASK_REQUIRED, get_method, method_names, option_methods
+from ddsedit.settings import Declared, EditConfig, cell_value, declared_by_name
 
-COLUMNS = ("src", "ref", "query", "method", "mask", "seed", "steps", "guidance", "lr", "out")
+TEXT_COLUMNS = ("src", "ref", "query", "method", "mask", "out")
+ROW_SETTINGS = ("seed", "steps", "guidance", "lr")  # shared settings a row may set (declared in EditConfig)
 REQUIRED_COLUMNS = ("src", "query")
 DEFAULT_METHOD = "dds"
-_SEED_LIMIT = 2**63
+
+
+def columns() -> tuple[str, ...]:
+    """The columns a manifest may have: the text columns, the row settings and every registered method's options."""
+    return (*TEXT_COLUMNS[:5], *ROW_SETTINGS, TEXT_COLUMNS[5], *option_methods())
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,7 @@ class ManifestRow:
     image_size: tuple[int, int]  # (w, h) as the editor will see it (EXIF orientation applied)
     identity: tuple[str, ...]  # the row as written: the input of its derived seed
     auto_mask: bool = False  # the mask cell says auto: drawn from the prompts (``mask`` is then None)
+    method_settings: dict[str, Any] = field(default_factory=dict)  # the row's cells of its method's options
 
     def derived_seed(self) -> int:
         """A seed that depends only on what the row says (src, method, prompts, mask, output name)."""
@@ -118,9 +125,9 @@ def _read_jsonl(lines: Iterator[str]) -> tuple[list[tuple[int, dict[str, Any]]],
         if not isinstance(value, dict):
             errors.append(RowError(number, f"expected a JSON object, got {type(value).__name__}"))
             continue
-        unknown = sorted(set(value) - set(COLUMNS))
+        unknown = sorted(set(value) - set(columns()))
         if unknown:
-            reason = f"unknown column(s) {', '.join(unknown)}: use {', '.join(COLUMNS)}"
+            reason = f"unknown column(s) {', '.join(unknown)}: use {', '.join(columns())}"
             errors.append(RowError(number, reason, _written_src(value)))
             continue
         rows.append((number, {key: item for key, item in value.items() if item is not None}))
@@ -137,9 +144,9 @@ def _read_csv(handle: Iterator[str]) -> tuple[list[tuple[int, dict[str, Any]]], 
         return [], [RowError(1, f"bad CSV header: {error}")]
     names = [name.strip().lower() for name in header]
     problems = []
-    unknown = [name for name in names if name not in COLUMNS]
+    unknown = [name for name in names if name not in columns()]
     if unknown:
-        problems.append(f"unknown column(s) {', '.join(unknown)}: use {', '.join(COLUMNS)}")
+        problems.append(f"unknown column(s) {', '.join(unknown)}: use {', '.join(columns())}")
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         problems.append(f"repeated column(s) {', '.join(repeated)}")
@@ -203,8 +210,9 @@ def _check_row(line: int, values: dict[str, Any], base: Path) -> tuple[ManifestR
     reasons: list[str] = []
     text = {name: _text(values, name, reasons) for name in ("src", "ref", "query", "method", "mask", "out")}
     method = (text["method"] or DEFAULT_METHOD).lower()
-    if method not in METHODS:
-        reasons.append(f"unknown method {text['method']!r}: use {', '.join(METHODS)}")
+    known = method in method_names()
+    if not known:
+        reasons.append(f"unknown method {text['method']!r}: use {', '.join(method_names())}")
     reasons.extend(prompt_problems(method, text["query"], text["ref"]))
 
     src = image_size = None
@@ -214,10 +222,11 @@ def _check_row(line: int, values: dict[str, Any], base: Path) -> tuple[ManifestR
         src = _resolve(text["src"], base)
         image_size = _image_size(src, "src", reasons)
     mask = None
-    if method == MASKED_METHOD and not text["mask"]:
-        reasons.append(f"{MASKED_METHOD} needs a mask (white = editable)")
-    elif text["mask"] and method not in (MASKED_METHOD, *MASK_OPTIONAL_METHODS):
-        reasons.append(f"mask is used by {', '.join((MASKED_METHOD, *MASK_OPTIONAL_METHODS))}, not {method}")
+    if known and get_method(method).mask == MASK_REQUIRED and not text["mask"]:
+        reasons.append(f"{method} needs a mask (white = editable)")
+    elif known and text["mask"] and get_method(method).mask == MASK_NONE:
+        takers = [name for name in method_names() if get_method(name).mask != MASK_NONE]
+        reasons.append(f"mask is used by {', '.join(takers)}, not {method}")
     elif text["mask"] == AUTO_MASK:
         if (text["ref"] or "") == (text["query"] or ""):
             reasons.append(SAME_PROMPTS_MESSAGE.replace("--ref and --query", "ref and query"))
@@ -225,10 +234,16 @@ def _check_row(line: int, values: dict[str, Any], base: Path) -> tuple[ManifestR
         mask = _resolve(text["mask"], base)
         _image_size(mask, "mask", reasons)
 
-    seed = _number(values, "seed", int, lambda v: 0 <= v < _SEED_LIMIT, "an integer in [0, 2^63)", reasons)
-    steps = _number(values, "steps", int, lambda v: v > 0, "a positive integer", reasons)
-    guidance = _number(values, "guidance", float, lambda v: v >= 0, "a number >= 0", reasons)
-    lr = _number(values, "lr", float, lambda v: v > 0, "a number > 0", reasons)
+    shared = declared_by_name(EditConfig)
+    seed, steps, guidance, lr = (_setting(values, shared[name], reasons) for name in ROW_SETTINGS)
+    method_settings = {}
+    readers = option_methods()
+    for name in sorted(set(values) & set(readers)):
+        if known and get_method(method) not in readers[name]:
+            reasons.append(f"{name} is not a setting of {method} (it is of {', '.join(m.name for m in readers[name])})")
+            continue
+        if known:
+            method_settings[name] = _setting(values, declared_by_name(get_method(method).options)[name], reasons)
 
     out = text["out"]
     if out is not None:
@@ -238,7 +253,7 @@ def _check_row(line: int, values: dict[str, Any], base: Path) -> tuple[ManifestR
         elif not has_output_suffix(out):
             reasons.append(f"out must end in {output_suffixes_text()} (the format it is written in): {out!r}")
             out = None
-    elif text["src"] and method in METHODS:
+    elif text["src"] and known:
         out = f"{Path(text['src']).stem}.{method}.png"
 
     if reasons or src is None or image_size is None or out is None:
@@ -247,7 +262,7 @@ def _check_row(line: int, values: dict[str, Any], base: Path) -> tuple[ManifestR
     row = ManifestRow(
         line=line, src=src, method=method, query=text["query"] or "", ref=text["ref"] or "", mask=mask, out=out,
         seed=seed, steps=steps, guidance=guidance, lr=lr, image_size=image_size, identity=identity,
-        auto_mask=text["mask"] == AUTO_MASK,
+        auto_mask=text["mask"] == AUTO_MASK, method_settings=method_settings,
     )  # fmt: skip
     return row, reasons, out
 
@@ -269,28 +284,14 @@ def _text(values: dict[str, Any], name: str, reasons: list[str]) -> str | None:
     return value.strip() or None
 
 
-def _number(
-    values: dict[str, Any], name: str, kind: type, valid: Callable[[Any], bool], wanted: str, reasons: list[str]
-) -> Any:
-    """Parse an int or float cell (``None`` when absent); bad values add a reason."""
-    value = values.get(name)
+def _setting(values: dict[str, Any], item: Declared, reasons: list[str]) -> Any:
+    """A setting's cell, parsed and checked against its declaration (``None`` when absent); bad values add a reason."""
+    value = values.get(item.name)
     if value is None:
         return None
-    parsed: Any = None
-    if isinstance(value, bool):
-        parsed = None
-    elif isinstance(value, str):
-        try:
-            parsed = kind(value.strip())
-        except ValueError:
-            parsed = None
-    elif isinstance(value, int | float):
-        parsed = value if kind is float else (int(value) if float(value).is_integer() else None)
-        if parsed is not None:
-            parsed = kind(parsed)
-    if parsed is None or (kind is float and not math.isfinite(parsed)) or not valid(parsed):
-        shown = repr(value) if isinstance(value, str) else json.dumps(value)
-        reasons.append(f"{name} must be {wanted}, got {shown}")
+    parsed, problem = cell_value(item, value)
+    if problem:
+        reasons.append(problem)
         return None
     return parsed
 

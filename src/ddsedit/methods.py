@@ -1,277 +1,243 @@
-"""One gradient function per edit method: the UNet calls each method needs, then the math of :mod:`ddsedit.scores`.
+"""The edit methods, one declaration each: what everything else (the CLI's commands and flags, batch, eval-shapes,
+the settings' checks, the recorded metadata, batch resume) is derived from. Imports no torch.
 
-Every function takes the step's :class:`GradientInputs`, the latents being optimised and the step's
-:class:`StepDraws`, and returns the gradient [K, C, h, w] that :func:`ddsedit.optimize.distill` steps
-along (in DDS's units: one step moves the latents by ``lr * GRADIENT_SCALE * gradient``).
-
-- ``sds``: guided prediction minus the noise.
-- ``dds`` (and ``masked-dds``, which masks the same gradient): target minus source guided prediction,
-  both from one UNet call of 4K samples.
-- ``pds`` (Koo et al., 2024): the same call; target minus source standardised posterior samples.
-- ``cds`` (Nam et al., 2024): DDS plus the gradient of a contrastive (PatchNCE) loss between the
-  self-attention features of the source and of the target branch, which keeps the target's
-  structure patch by patch; one more forward pass with autograd, of the conditional target only.
-- ``ids`` (Kim et al., 2025): before DDS, a few steps move the source branch's noisy latent until its
-  x0 prediction is the source again; the noise that latent implies is then shared with the target.
+A :class:`Method` names its gradient function (``"module:function"``, imported when an edit runs), its own
+random draws, its options class (a frozen dataclass of :func:`ddsedit.settings.setting` fields), whether it
+compares against ``--ref``, whether it takes a mask, the model families it supports and whether a CUDA graph
+can record its step. Adding a method is one :func:`register` call; see ``tests/test_method_registry.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import dataclasses
+import importlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
-import torch
-import torch.nn.functional as F
-
-from ddsedit import scores
-from ddsedit.attention import SelfAttentionRecorder, feature_grid
 from ddsedit.errors import InputError
+from ddsedit.settings import MASK_PANEL, METHOD_PANEL, EditConfig, NoOptions, acting, declared, setting
+
+MASK_NONE, MASK_OPTIONAL, MASK_REQUIRED = "none", "optional", "required"
+SHARED_DRAWS = "ddsedit.optimize:draw_step"  # one timestep and one noise per image
 
 
 @dataclass(frozen=True)
-class MethodOptions:
-    """The settings of the methods beyond DDS (validated by :class:`ddsedit.settings.EditConfig`)."""
+class Method:
+    """One edit method's declaration."""
 
-    dds_weight: float = 1.0  # cds, ids: weight of the DDS gradient
-    cut_weight: float = 3.0  # cds, ids: weight of the contrastive (CUT) term; 0 turns it off
-    cut_patches: int = 256  # positions drawn per layer and patch size
-    cut_patch_sizes: tuple[int, ...] = (1, 2)  # patch sizes (2: 2x2 average pooling first)
-    cut_temperature: float = 0.07
-    pds_grid: int = 50  # pds: steps of the DDIM grid that t and t_prev come from
-    identity_steps: int = 3  # ids: corrections of the source branch per step
-    identity_weight: float = 1.0  # ids: the step size (lambda) of each correction
+    name: str
+    summary: str  # the command's help, first sentence first (``ddsedit --help`` lists it whole)
+    gradient: str | Callable[..., Any]  # (GradientInputs, latents, StepDraws) -> gradient; see ddsedit.gradients
+    options: type = NoOptions  # its own settings beyond EditConfig's
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # its own defaults over its options' declared ones
+    draws: str | Callable[..., Any] = SHARED_DRAWS  # (generators, settings, image_shape, device, schedule) -> draws
+    needs_ref: bool = True  # compares against a description of the source (the DDS family)
+    mask: str = MASK_OPTIONAL  # none, optional (edits everywhere without one) or required
+    families: tuple[str, ...] = ("sd",)
+    graphable: bool = False  # one UNet call without autograd: a CUDA graph can record its step
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
 
-@dataclass
-class PromptEmbeddings:
-    """Text embeddings, one row per image: [K, tokens, dim] each."""
+    def gradient_function(self) -> Callable[..., Any]:
+        return _resolve(self.gradient)
 
-    unconditional: torch.Tensor
-    source: torch.Tensor  # the --ref prompt: what the image shows
-    target: torch.Tensor  # the --query prompt: what it should show
+    def draw_function(self) -> Callable[..., Any]:
+        return _resolve(self.draws)
 
+    def reads(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The entries of ``values`` that are settings of this method (shared ones and its own options)."""
+        own = {item.name for item in declared(self.options)} | {item.name for item in declared(EditConfig)}
+        return {key: value for key, value in values.items() if key in own}
 
-@dataclass
-class StepDraws:
-    """One step's random draws, one row per image, all from the images' own seeded generators."""
+    def default_options(self) -> Any:
+        """An instance of the options class with the method's own defaults."""
+        own = {item.name for item in declared(self.options)}
+        return self.options(**{key: value for key, value in self.defaults.items() if key in own})
 
-    timesteps: torch.Tensor  # [K]
-    noise: torch.Tensor  # [K, C, h, w]
-    previous_timesteps: torch.Tensor | None = None  # pds: the grid step before ``timesteps``
-    previous_noise: torch.Tensor | None = None  # pds: the noise of the posterior sample at the previous step
+    def default_config(self) -> EditConfig:
+        """EditConfig's defaults with the method's own over them (options and shared settings alike)."""
+        shared = {key: value for key, value in self.defaults.items() if key not in self.default_options().__dict__}
+        return dataclasses.replace(EditConfig(**shared), options=self.default_options())
 
+    def problem(self, config: EditConfig, num_train_timesteps: int = 1000, given: set[str] | None = None) -> str | None:
+        """Why ``config`` cannot run under this method, beyond each setting's own range (None: it can).
 
-@dataclass
-class GradientInputs:
-    """What stays fixed during an edit: the model, the source, the prompts and the method's settings."""
+        ``given``: the settings set explicitly, before a model's defaults are known (the CLI's check before the
+        load): a check that also reads a setting not given is left for later, when the model's defaults are in.
+        """
+        check = getattr(config.options, "problem", None)
+        return check(config, num_train_timesteps, given) if check is not None else None
 
-    unet: torch.nn.Module
-    source_latents: torch.Tensor  # [K, C, h, w], fp32
-    embeddings: PromptEmbeddings
-    alphas_cumprod: torch.Tensor  # [T], fp32, on the latents' device
-    prediction_type: str
-    guidance: float
-    options: MethodOptions = field(default_factory=MethodOptions)
-    generators: list[torch.Generator] = field(default_factory=list)  # cds: the patch draws
-
-
-def predict_epsilon(
-    unet: torch.nn.Module,
-    noisy_latents: torch.Tensor,
-    timesteps: torch.Tensor,
-    embeddings: torch.Tensor,
-    alpha_bar: torch.Tensor,
-    prediction_type: str,
-) -> torch.Tensor:
-    """One UNet call on a batch, returned as fp32 noise predictions."""
-    unet_dtype = next(unet.parameters()).dtype
-    prediction = unet(noisy_latents.to(unet_dtype), timesteps, encoder_hidden_states=embeddings, return_dict=False)[
-        0
-    ].float()
-    return scores.epsilon_from_prediction(prediction, noisy_latents, alpha_bar, prediction_type)
+    def recorded(self, config: EditConfig, masked: bool) -> dict[str, Any]:
+        """The settings that act on an edit with ``config``, by name: what its output records and resume compares."""
+        values: dict[str, Any] = {}
+        for item in acting(config):
+            if not item.info.recorded or (item.info.panel == MASK_PANEL and not masked):
+                continue
+            values[item.name] = getattr(config, item.name)
+        if config.options is not None:
+            values.update({item.name: getattr(config.options, item.name) for item in acting(config.options)})
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
 
 
-def guided_predictions(
-    inputs: GradientInputs, branches: list[tuple[torch.Tensor, torch.Tensor]], timesteps: torch.Tensor
-) -> list[torch.Tensor]:
-    """Guided noise predictions of several (noisy latents, conditional embeddings) branches in ONE UNet call.
+def _resolve(reference: str | Callable[..., Any]) -> Callable[..., Any]:
+    if callable(reference):
+        return reference
+    module, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module), name)
 
-    The batch is [uncond, cond] per branch, in the order given: for DDS [source uncond, source cond,
-    target uncond, target cond], so that the source's conditional rows are the second K of the batch.
-    """
-    alpha_bar = inputs.alphas_cumprod[timesteps]
-    count = 2 * len(branches)
-    batch = torch.cat([noisy for noisy, _ in branches for noisy in (noisy, noisy)])
-    conditions = torch.cat([row for _, condition in branches for row in (inputs.embeddings.unconditional, condition)])
-    epsilon = predict_epsilon(
-        inputs.unet, batch, timesteps.repeat(count), conditions, alpha_bar.repeat(count), inputs.prediction_type
+
+# --------------------------------------------------------------------------- the methods' options
+
+
+@dataclass(frozen=True)
+class ContrastOptions:
+    """CDS's settings: the DDS gradient's weight and the contrastive (CUT, PatchNCE) term's."""
+
+    dds_weight: float = setting(1.0, "Weight of the DDS gradient.", panel=METHOD_PANEL, minimum=0, maximum=10_000)
+    cut_weight: float = setting(
+        3.0, "Weight of the contrastive (CUT) term; 0 turns it off.", panel=METHOD_PANEL, minimum=0, maximum=10_000
     )
-    chunks = epsilon.chunk(count)
-    return [
-        scores.classifier_free_guidance(chunks[2 * index], chunks[2 * index + 1], inputs.guidance)
-        for index in range(len(branches))
-    ]
-
-
-def sds(inputs: GradientInputs, latents: torch.Tensor, draws: StepDraws) -> torch.Tensor:
-    """SDS: one call of 2K samples."""
-    noisy = scores.add_noise(latents, draws.noise, inputs.alphas_cumprod[draws.timesteps])
-    (target,) = guided_predictions(inputs, [(noisy, inputs.embeddings.target)], draws.timesteps)
-    return scores.sds_gradient(target, draws.noise)
-
-
-def dds(inputs: GradientInputs, latents: torch.Tensor, draws: StepDraws) -> torch.Tensor:
-    """DDS: one call of 4K samples; source and target share the timestep and the noise."""
-    source, target = _source_and_target(inputs, latents, draws.timesteps, draws.noise)
-    return scores.dds_gradient(target, source)
-
-
-def pds(inputs: GradientInputs, latents: torch.Tensor, draws: StepDraws) -> torch.Tensor:
-    """PDS: the DDS call, then each branch's standardised posterior sample between two grid steps."""
-    assert draws.previous_timesteps is not None and draws.previous_noise is not None, "pds draws two timesteps"
-    source, target = _source_and_target(inputs, latents, draws.timesteps, draws.noise)
-    alpha_bar = inputs.alphas_cumprod[draws.timesteps]
-    previous_alpha_bar = inputs.alphas_cumprod[draws.previous_timesteps]
-
-    def posterior(clean: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor:
-        return scores.posterior_noise(clean, epsilon, draws.noise, draws.previous_noise, alpha_bar, previous_alpha_bar)
-
-    return scores.pds_gradient(posterior(latents, target), posterior(inputs.source_latents, source))
-
-
-def cds(inputs: GradientInputs, latents: torch.Tensor, draws: StepDraws) -> torch.Tensor:
-    """CDS: the DDS gradient plus the contrastive term's."""
-    return _dds_with_contrast(inputs, latents, draws.timesteps, draws.noise, inputs.options.cut_weight)
-
-
-def ids(inputs: GradientInputs, latents: torch.Tensor, draws: StepDraws) -> torch.Tensor:
-    """IDS: correct the source branch's noisy latent, share the noise it implies, then DDS (with CUT if weighted)."""
-    noise = identity_corrected_noise(inputs, draws.timesteps, draws.noise)
-    return _dds_with_contrast(inputs, latents, draws.timesteps, noise, inputs.options.cut_weight)
-
-
-GradientFunction = Callable[[GradientInputs, torch.Tensor, StepDraws], torch.Tensor]
-GRADIENTS: dict[str, GradientFunction] = {"sds": sds, "dds": dds, "masked-dds": dds, "pds": pds, "cds": cds, "ids": ids}
-
-
-# --------------------------------------------------------------------------- the pieces
-
-
-def _source_and_target(
-    inputs: GradientInputs, latents: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    alpha_bar = inputs.alphas_cumprod[timesteps]
-    noisy_source = scores.add_noise(inputs.source_latents, noise, alpha_bar)
-    noisy_target = scores.add_noise(latents, noise, alpha_bar)
-    source, target = guided_predictions(
-        inputs, [(noisy_source, inputs.embeddings.source), (noisy_target, inputs.embeddings.target)], timesteps
+    cut_patches: int = setting(
+        256, "Positions drawn per attention layer and patch size.", panel=METHOD_PANEL, minimum=1, maximum=1_000_000,
+        needs="cut_weight",
+    )  # fmt: skip
+    cut_patch_sizes: tuple[int, ...] = setting(
+        (1, 2), "Comma-separated patch sizes (2: 2x2 average pooling first).", panel=METHOD_PANEL, minimum=1,
+        maximum=1024, needs="cut_weight",
+    )  # fmt: skip
+    cut_temperature: float = setting(
+        0.07, "PatchNCE temperature.", panel=METHOD_PANEL, minimum=0.001, maximum=1000, needs="cut_weight"
     )
-    return source, target
+
+    def problem(self, config: EditConfig, num_train_timesteps: int, given: set[str] | None) -> str | None:
+        if given is not None and not {"dds_weight", "cut_weight"} <= given:
+            return None
+        if self.dds_weight == 0 and self.cut_weight == 0:
+            return "--dds-weight 0 with --cut-weight 0 leaves nothing to move the image: raise one of them"
+        return None
 
 
-def _dds_with_contrast(
-    inputs: GradientInputs, latents: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, cut_weight: float
-) -> torch.Tensor:
-    """``dds_weight * DDS + cut_weight * d(CUT)/dz``, the second in DDS's units (divided by GRADIENT_SCALE).
+@dataclass(frozen=True)
+class IdentityOptions(ContrastOptions):
+    """IDS's settings: CDS's (the CUT term optional, off by default) and the identity correction's."""
 
-    The CDS authors step on ``dds_weight * 2000 * sum(z * grad) / (h * w) + cut_weight * CUT``; ddsedit
-    steps on ``GRADIENT_SCALE * gradient``, hence the division, which keeps the two terms' balance.
-    """
-    if cut_weight == 0:
-        source, target = _source_and_target(inputs, latents, timesteps, noise)
-        return inputs.options.dds_weight * scores.dds_gradient(target, source)
-    count = latents.shape[0]
-    with SelfAttentionRecorder(inputs.unet) as recorder:
-        source, target = _source_and_target(inputs, latents, timesteps, noise)
-        # The source's conditional rows of the call: constants for the contrastive loss.
-        source_features = {name: output[count : 2 * count].detach().float()
-                           for name, output in recorder.outputs.items()}  # fmt: skip
-        contrast = contrastive_gradient(inputs, recorder, source_features, latents, timesteps, noise)
-    return inputs.options.dds_weight * scores.dds_gradient(target, source) + (
-        cut_weight / scores.GRADIENT_SCALE
-    ) * contrast
+    identity_steps: int = setting(
+        3, "Corrections of the source branch per step.", panel=METHOD_PANEL, minimum=0, maximum=100
+    )
+    identity_weight: float = setting(
+        1.0, "Step size (lambda) of each correction.", panel=METHOD_PANEL, minimum=0, maximum=1000,
+        needs="identity_steps",
+    )  # fmt: skip
 
 
-def contrastive_gradient(
-    inputs: GradientInputs,
-    recorder: SelfAttentionRecorder,
-    source_features: dict[str, torch.Tensor],
-    latents: torch.Tensor,
-    timesteps: torch.Tensor,
-    noise: torch.Tensor,
-) -> torch.Tensor:
-    """d(CUT)/d(latents): one conditional forward of the noised target with autograd, then PatchNCE per layer.
+@dataclass(frozen=True)
+class PosteriorOptions:
+    """PDS's settings: the grid its two timesteps come from."""
 
-    The UNet's weights get no gradient (they do not require one); only the path from the latents
-    through the noising and the attention features is differentiated.
-    """
-    options = inputs.options
-    height, width = latents.shape[-2:]
-    with torch.enable_grad():
-        variable = latents.detach().requires_grad_(True)
-        alpha_bar = inputs.alphas_cumprod[timesteps]
-        noisy = scores.add_noise(variable, noise, alpha_bar)
-        unet_dtype = next(inputs.unet.parameters()).dtype
-        inputs.unet(noisy.to(unet_dtype), timesteps, encoder_hidden_states=inputs.embeddings.target, return_dict=False)
-        loss = variable.new_zeros(())
-        for image, generator in enumerate(inputs.generators):
-            for name in sorted(recorder.layers):  # a fixed order: the patch draws are part of the seeded sequence
-                source_map = _feature_map(source_features[name][image], height, width)
-                target_map = _feature_map(recorder.outputs[name][image].float(), height, width)
-                loss = loss + _patch_loss(source_map, target_map, generator, options)
-        if not loss.requires_grad:  # every patch size was larger than every feature map
-            largest = max(min(feature_grid(len(features[0]), height, width)) for features in source_features.values())
-            raise InputError(
-                f"--cut-patch-sizes {','.join(map(str, options.cut_patch_sizes))}: no size fits this model's "
-                f"attention maps at this image size (the largest is {largest} positions on its short side)"
-            )
-        (gradient,) = torch.autograd.grad(loss, variable)
-    return gradient
+    pds_grid: int = setting(
+        500, "Steps of the scheduler's grid (its own set_timesteps) that t and the previous step come from; t is "
+        "drawn from its 2% to 98% indices, within [--t-min, --t-max).", panel=METHOD_PANEL, minimum=50,
+        maximum=1000,
+    )  # fmt: skip
+
+    def problem(self, config: EditConfig, num_train_timesteps: int, given: set[str] | None) -> str | None:
+        if self.pds_grid > num_train_timesteps:
+            return f"--pds-grid must be in [50, {num_train_timesteps}], got {self.pds_grid}"
+        return None  # whether the grid meets [t_min, t_max) is known once the scheduler is (ddsedit.gradients)
 
 
-def _feature_map(tokens: torch.Tensor, latent_height: int, latent_width: int) -> torch.Tensor:
-    """[positions, C] attention tokens as a [1, C, H, W] map."""
-    height, width = feature_grid(tokens.shape[0], latent_height, latent_width)
-    return tokens.T.reshape(1, -1, height, width)
+# --------------------------------------------------------------------------- the registry
+
+_REGISTRY: dict[str, Method] = {}
 
 
-def _patch_loss(
-    source_map: torch.Tensor, target_map: torch.Tensor, generator: torch.Generator, options: MethodOptions
-) -> torch.Tensor:
-    """PatchNCE summed over the patch sizes, on positions drawn from ``generator`` (the same for both maps)."""
-    loss = target_map.new_zeros(())
-    for size in options.cut_patch_sizes:
-        if size > min(source_map.shape[-2:]):
-            continue  # a map smaller than the patch has no patch of that size
-        source_pooled = F.avg_pool2d(source_map, size) if size > 1 else source_map
-        target_pooled = F.avg_pool2d(target_map, size) if size > 1 else target_map
-        source_rows = F.normalize(source_pooled.flatten(2)[0].T, dim=1)
-        target_rows = F.normalize(target_pooled.flatten(2)[0].T, dim=1)
-        positions = source_rows.shape[0]
-        chosen = torch.randperm(positions, generator=generator, device=generator.device)[: options.cut_patches]
-        chosen = chosen.to(source_rows.device)
-        loss = loss + scores.patch_nce_loss(source_rows[chosen], target_rows[chosen], options.cut_temperature)
-    return loss
+def register(method: Method) -> Method:
+    """Add a method; its command, flags, batch column value and eval run follow from the declaration."""
+    if method.name in _REGISTRY:
+        raise ValueError(f"a method named {method.name!r} is registered already")
+    if method.mask not in (MASK_NONE, MASK_OPTIONAL, MASK_REQUIRED):
+        raise ValueError(f"mask must be {MASK_NONE}, {MASK_OPTIONAL} or {MASK_REQUIRED}, got {method.mask!r}")
+    declared(method.options)  # fails early on a field without a setting() declaration's types
+    unknown = set(method.defaults) - {i.name for i in declared(method.options)} - {i.name for i in declared(EditConfig)}
+    if unknown:
+        raise ValueError(f"{method.name}'s defaults name unknown settings: {', '.join(sorted(unknown))}")
+    _REGISTRY[method.name] = method
+    return method
 
 
-def identity_corrected_noise(inputs: GradientInputs, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """IDS's fixed-point correction: the noise under which the source branch's x0 prediction is the source.
+@contextlib.contextmanager
+def registered(method: Method) -> Iterator[Method]:
+    """Register ``method`` for the duration of a ``with`` block (tests, experiments)."""
+    register(method)
+    try:
+        yield method
+    finally:
+        _REGISTRY.pop(method.name, None)
 
-    Starting at the noised source, each of ``identity_steps`` steps moves the noisy latent against the
-    gradient of ``||z_src - x0hat(z_t, ref)||_2`` (the norm, per image, not its square), scaled by
-    ``identity_weight``; the result's implied noise ``(z_t - sqrt(a) z_src) / sqrt(1 - a)`` is returned.
-    Caching these passes would not pay: they depend on the step's fresh timestep and noise.
-    """
-    alpha_bar = inputs.alphas_cumprod[timesteps]
-    source = inputs.source_latents
-    noisy = scores.add_noise(source, noise, alpha_bar)
-    for _ in range(inputs.options.identity_steps):
-        with torch.enable_grad():
-            variable = noisy.detach().requires_grad_(True)
-            (epsilon,) = guided_predictions(inputs, [(variable, inputs.embeddings.source)], timesteps)
-            clean = scores.predicted_clean_latents(variable, epsilon, alpha_bar)
-            distance = (source - clean).flatten(1).norm(dim=1).sum()  # images are independent: sum their norms
-            (gradient,) = torch.autograd.grad(distance, variable)
-        noisy = noisy - inputs.options.identity_weight * gradient
-    alpha_bar = alpha_bar.reshape(-1, *([1] * (source.ndim - 1)))
-    return (noisy - alpha_bar.sqrt() * source) / (1.0 - alpha_bar).sqrt()
+
+def all_methods() -> tuple[Method, ...]:
+    return tuple(_REGISTRY.values())
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def get_method(name: str) -> Method:
+    """The declaration of ``name``; an InputError naming the choices if there is none."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise InputError(f"unknown method {name!r}: use one of {', '.join(_REGISTRY)}") from None
+
+
+def option_methods() -> dict[str, tuple[Method, ...]]:
+    """Each method option's name and the methods that read it (batch and eval-shapes take the union)."""
+    readers: dict[str, list[Method]] = {}
+    for method in _REGISTRY.values():
+        for item in declared(method.options):
+            readers.setdefault(item.name, []).append(method)
+    return {name: tuple(methods) for name, methods in readers.items()}
+
+
+def option_declaration(name: str):
+    """The first declaration of the option ``name`` among the registered methods."""
+    for method in _REGISTRY.values():
+        for item in declared(method.options):
+            if item.name == name:
+                return item
+    raise KeyError(name)
+
+
+register(Method(
+    "sds", "SDS edit: pull the image toward --query (no --ref needed; tends to lose detail).",
+    gradient="ddsedit.gradients:sds", needs_ref=False, mask=MASK_NONE, graphable=True,
+))  # fmt: skip
+register(Method(
+    "dds", "DDS edit: change what --ref describes into what --query describes, keeping the rest.",
+    gradient="ddsedit.gradients:dds", mask=MASK_NONE, graphable=True,
+))  # fmt: skip
+register(Method(
+    "masked-dds", "Masked DDS: DDS confined to --mask (white = editable); outside it the source pixels are kept.",
+    gradient="ddsedit.gradients:dds", mask=MASK_REQUIRED, graphable=True,
+))  # fmt: skip
+register(Method(
+    "cds", "CDS edit (Nam et al. 2024): DDS plus a contrastive term on the UNet's self-attention features that "
+    "keeps the source's structure patch by patch. --mask optional.",
+    gradient="ddsedit.gradients:cds", options=ContrastOptions,
+))  # fmt: skip
+register(Method(
+    "pds", "PDS edit (Koo et al. 2024): match the target's posterior samples to the source's. --mask optional.",
+    gradient="ddsedit.gradients:pds", options=PosteriorOptions, draws="ddsedit.gradients:pds_draws",
+    defaults={"t_min": 1, "t_max": 999},  # the authors draw from their grid's 2% to 98%: [--t-min, --t-max) all of it
+))  # fmt: skip
+register(Method(
+    "ids", "IDS edit (Kim et al. 2025): DDS whose source branch is first corrected to predict the source again. "
+    "--mask optional.",
+    gradient="ddsedit.gradients:ids", options=IdentityOptions, defaults={"cut_weight": 0.0},
+))  # fmt: skip

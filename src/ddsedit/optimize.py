@@ -1,40 +1,35 @@
 """The optimisation loop shared by every method.
 
-Each step draws one timestep and one noise tensor per image (PDS: two of each), asks the method's
-gradient function in :mod:`ddsedit.methods` for the gradient (one batched UNet call for SDS, DDS and
-PDS), sets its non-finite elements to 0, applies the mask, and takes an SGD step on the latents.
-Only the gradient differs between methods.
+Each step draws one timestep and one noise tensor per image (or what the method's declared draw function
+draws, e.g. PDS's second step and noise), asks the method's gradient function in :mod:`ddsedit.gradients` for
+the gradient (one batched denoiser call for SDS, DDS and PDS), sets its non-finite elements to 0, applies the
+mask, and takes an SGD step on the latents. Only the gradient and the draws differ between methods; both come
+from the method's declaration (:mod:`ddsedit.methods`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ddsedit import scores
-from ddsedit.methods import (
-    GRADIENTS,
-    GradientInputs,
-    MethodOptions,
-    PromptEmbeddings,
-    StepDraws,
-    predict_epsilon,
-)
-from ddsedit.names import METHODS as METHODS  # defined there, torch-free; the editor imports it from here
+from ddsedit.conditioning import call_unet
+from ddsedit.gradients import GradientInputs, NoiseSchedule, PromptEmbeddings, StepDraws, predict_epsilon
+from ddsedit.methods import get_method
 
-__all__ = ["METHODS", "LoopSettings", "MethodOptions", "PromptEmbeddings", "distill", "draw_step", "predict_epsilon"]
+__all__ = ["LoopSettings", "PromptEmbeddings", "distill", "draw_step", "predict_epsilon"]
 
 StepCallback = Callable[[int, torch.Tensor], None]
 NonfiniteCallback = Callable[[int], None]
-# Methods whose step is one UNet call without autograd: the ones a CUDA graph can record.
-GRAPHABLE_METHODS = ("sds", "dds", "masked-dds")
 
 
 @dataclass(frozen=True)
 class LoopSettings:
-    """What the loop needs to know; validated by :class:`ddsedit.settings.EditConfig`."""
+    """What the loop needs to know; checked by :class:`ddsedit.settings.EditConfig`."""
 
     method: str = "dds"
     steps: int = 200
@@ -42,14 +37,7 @@ class LoopSettings:
     lr: float = 0.1
     t_min: int = 50
     t_max: int = 950  # exclusive: t is drawn uniformly from the integers t_min, ..., t_max - 1 (50 to 949)
-    options: MethodOptions = field(default_factory=MethodOptions)
-
-
-def pds_grid(num_train_timesteps: int, grid_steps: int, t_min: int, t_max: int) -> tuple[torch.Tensor, int]:
-    """The DDIM grid points PDS draws t from (within ``[t_min, t_max)``, each with a previous point) and the spacing."""
-    spacing = num_train_timesteps // grid_steps
-    points = torch.arange(spacing, num_train_timesteps, spacing)
-    return points[(points >= t_min) & (points < t_max)], spacing
+    options: Any = None  # the method's options (None: its declared defaults)
 
 
 def draw_step(
@@ -57,31 +45,17 @@ def draw_step(
     settings: LoopSettings,
     image_shape: tuple[int, ...],
     device: torch.device,
-    num_train_timesteps: int = 1000,
+    schedule: NoiseSchedule | None = None,
 ) -> StepDraws:
-    """One step's draws: each image draws from its own generator, in a fixed order (t, noise, then PDS's).
+    """The shared draws: per image, from its own generator, a timestep in ``[t_min, t_max)`` then a noise.
 
     Drawn on the device from seeded generators: reproducible, and no host sync.
     """
-    grid, spacing = (None, 0)
-    if settings.method == "pds":
-        grid, spacing = pds_grid(num_train_timesteps, settings.options.pds_grid, settings.t_min, settings.t_max)
-        grid = grid.to(device)
-    timesteps, noises, previous_noises = [], [], []
+    timesteps, noises = [], []
     for generator in generators:
-        if grid is None:
-            timesteps.append(torch.randint(settings.t_min, settings.t_max, (1,), generator=generator, device=device))
-        else:
-            index = torch.randint(0, len(grid), (1,), generator=generator, device=device)
-            timesteps.append(grid[index])
+        timesteps.append(torch.randint(settings.t_min, settings.t_max, (1,), generator=generator, device=device))
         noises.append(torch.randn(image_shape, generator=generator, device=device, dtype=torch.float32))
-        if grid is not None:
-            previous_noises.append(torch.randn(image_shape, generator=generator, device=device, dtype=torch.float32))
-    draws = StepDraws(torch.cat(timesteps), torch.cat(noises))
-    if grid is not None:
-        draws.previous_timesteps = draws.timesteps - spacing
-        draws.previous_noise = torch.cat(previous_noises)
-    return draws
+    return StepDraws(torch.cat(timesteps), torch.cat(noises))
 
 
 def distill(
@@ -97,6 +71,9 @@ def distill(
     cuda_graph: bool = False,
     initial_latents: torch.Tensor | None = None,
     on_nonfinite: NonfiniteCallback | None = None,
+    scheduler_config: dict[str, Any] | None = None,
+    call: Callable[..., torch.Tensor] = call_unet,
+    betas: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Optimise latents [K, C, h, w] starting from ``source_latents`` and return them (fp32).
 
@@ -115,15 +92,22 @@ def distill(
     UNet's many kernels from Python every step. On a device other than CUDA the same
     static-buffer loop runs without recording (the tests check it against the plain loop).
 
+    ``scheduler_config`` is the model's scheduler config (PDS's grid comes from it), ``betas`` its one-step
+    betas; ``call`` is the family's denoiser call (:mod:`ddsedit.families`).
+
     NaN and infinite gradient elements are treated as 0 (:func:`ddsedit.scores.zero_nonfinite`);
     if any step had some, ``on_nonfinite(steps_with_any)`` is called once at the end.
     """
     device = source_latents.device
     alphas_cumprod = alphas_cumprod.to(device=device, dtype=torch.float32)
     source_latents = source_latents.float()
-    gradient_function = GRADIENTS[settings.method]
-    if cuda_graph and settings.method not in GRAPHABLE_METHODS:
-        raise ValueError(f"a CUDA graph records {', '.join(GRAPHABLE_METHODS)} steps, not {settings.method}")
+    method = get_method(settings.method)
+    gradient_function, draw = method.gradient_function(), method.draw_function()
+    if settings.options is None:
+        settings = dataclasses.replace(settings, options=method.default_options())
+    options = settings.options
+    if cuda_graph and not method.graphable:
+        raise ValueError(f"a CUDA graph cannot record {settings.method}'s step")
     if len(generators) != source_latents.shape[0]:
         raise ValueError(f"need one generator per image: {len(generators)} for {source_latents.shape[0]} images")
     image_shape = (1, *source_latents.shape[1:])
@@ -135,10 +119,13 @@ def distill(
     nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device)
 
     inputs = GradientInputs(
-        unet, source_latents, embeddings, alphas_cumprod, prediction_type, settings.guidance, settings.options,
-        generators,
+        unet, source_latents, embeddings, alphas_cumprod, prediction_type, settings.guidance, options, generators,
+        call, None if betas is None else betas.to(device=device, dtype=torch.float32),
     )  # fmt: skip
-    num_train_timesteps = alphas_cumprod.shape[0]
+    schedule = NoiseSchedule(alphas_cumprod, dict(scheduler_config or {}))
+
+    def draw_next() -> StepDraws:
+        return draw(generators, settings, image_shape, device, schedule)
 
     def update(latents: torch.Tensor, draws: StepDraws) -> torch.Tensor:
         gradient = gradient_function(inputs, latents, draws)
@@ -150,11 +137,11 @@ def distill(
 
     with torch.no_grad():
         if cuda_graph:
-            latents = _distill_replayed(update, start, generators, settings, image_shape, on_step, nonfinite_steps)
+            latents = _distill_replayed(update, start, draw_next, settings.steps, on_step, nonfinite_steps)
         else:
             latents = start.clone()
             for step in range(1, settings.steps + 1):
-                latents = update(latents, draw_step(generators, settings, image_shape, device, num_train_timesteps))
+                latents = update(latents, draw_next())
                 if on_step is not None:
                     on_step(step, latents)
     count = int(nonfinite_steps)
@@ -166,22 +153,29 @@ def distill(
 def _distill_replayed(
     update: Callable[[torch.Tensor, StepDraws], torch.Tensor],
     start_latents: torch.Tensor,
-    generators: list[torch.Generator],
-    settings: LoopSettings,
-    image_shape: tuple[int, ...],
+    draw_next: Callable[[], StepDraws],
+    steps: int,
     on_step: StepCallback | None,
     nonfinite_steps: torch.Tensor,
 ) -> torch.Tensor:
     """The loop over fixed buffers: each step copies its draws in and replays the recorded update.
 
-    A CUDA graph replays kernels on fixed addresses, so the latents, timesteps and noise
-    live in buffers that the step reads and overwrites in place.
+    A CUDA graph replays kernels on fixed addresses, so the latents and every draw (the method's own
+    included) live in buffers that the step reads and overwrites in place.
     """
     device = start_latents.device
     latents = start_latents.clone()
-    draws = draw_step(generators, settings, image_shape, device)
-    timestep_buffer, noise_buffer = torch.empty_like(draws.timesteps), torch.empty_like(draws.noise)
-    buffers = StepDraws(timestep_buffer, noise_buffer)
+    draws = draw_next()
+    buffers = StepDraws(
+        torch.empty_like(draws.timesteps), torch.empty_like(draws.noise),
+        {name: torch.empty_like(value) for name, value in draws.extra.items()},
+    )  # fmt: skip
+
+    def load(drawn: StepDraws) -> None:
+        buffers.timesteps.copy_(drawn.timesteps)
+        buffers.noise.copy_(drawn.noise)
+        for name, value in drawn.extra.items():
+            buffers.extra[name].copy_(value)
 
     def step_in_place() -> None:
         latents.copy_(update(latents, buffers))
@@ -190,8 +184,7 @@ def _distill_replayed(
     if device.type == "cuda":
         # Warm-up on a side stream (allocator and library workspaces settle), as CUDA graph
         # capture requires; the warm-up's update is undone before the real steps.
-        timestep_buffer.copy_(draws.timesteps)
-        noise_buffer.copy_(draws.noise)
+        load(draws)
         side_stream = torch.cuda.Stream(device)
         side_stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side_stream):
@@ -204,11 +197,10 @@ def _distill_replayed(
         latents.copy_(start_latents)
         nonfinite_steps.zero_()  # the warm-up and capture steps are not real steps
         replay = graph.replay
-    for step in range(1, settings.steps + 1):
+    for step in range(1, steps + 1):
         if step > 1:
-            draws = draw_step(generators, settings, image_shape, device)
-        timestep_buffer.copy_(draws.timesteps)
-        noise_buffer.copy_(draws.noise)
+            draws = draw_next()
+        load(draws)
         replay()
         if on_step is not None:
             on_step(step, latents)

@@ -103,26 +103,46 @@ def posterior_noise(
     epsilon: torch.Tensor,
     noise: torch.Tensor,
     previous_noise: torch.Tensor,
+    *,
+    beta: torch.Tensor,
+    alpha: torch.Tensor,
     alpha_bar: torch.Tensor,
     previous_alpha_bar: torch.Tensor,
 ) -> torch.Tensor:
-    """PDS's standardised posterior sample ``(x_prev - mu) / sigma`` for one branch (Koo et al., 2024).
+    """PDS's standardised posterior sample ``(x_prev - mu) / sigma`` for one branch, as the PDS authors compute it.
 
-    ``x_t`` is ``clean_latents`` noised with ``noise`` to ``alpha_bar``; ``mu`` and ``sigma`` are the
-    mean and deviation of the DDPM posterior q(x_prev | x_t, x0hat) between two grid steps, with x0hat
-    taken from the model's ``epsilon``; ``x_prev`` is ``clean_latents`` noised with ``previous_noise`` to
-    ``previous_alpha_bar``. Matching this quantity for target and source keeps the target's posterior
-    (its fine structure) that of the source, where DDS only matches the scores.
+    ``x_t`` is ``clean_latents`` noised with ``noise`` to ``alpha_bar`` (the cumulative product at t);
+    ``x_prev`` is ``clean_latents`` noised with ``previous_noise`` to ``previous_alpha_bar`` (the
+    cumulative product at t_prev, the grid point before t); x0hat is the Tweedie estimate behind the
+    model's ``epsilon`` at ``x_t``. ``beta`` and ``alpha = 1 - beta`` are the training schedule's
+    ONE-step values at t (a scheduler's ``betas[t]`` and ``alphas[t]``), whatever the grid's spacing.
+    All four coefficients are per-sample [B] vectors.
+
+    The DDPM posterior between two adjacent training steps is
+    ``q(x_{t-1} | x_t, x0) = N(c0 * x0 + c1 * x_t, sigma^2)`` with
+    ``c0 = sqrt(abar_{t-1}) * beta_t / (1 - abar_t)``, ``c1 = sqrt(alpha_t) * (1 - abar_{t-1}) / (1 - abar_t)``
+    and ``sigma^2 = beta_t * (1 - abar_{t-1}) / (1 - abar_t)``. The authors' ``pds/pds.py``
+    (KAIST-Visual-AI-Group/PDS) keeps ``beta_t`` and ``alpha_t`` of that one step but puts the
+    grid's previous point in place of ``t - 1``: ``abar_{t-1}`` becomes ``abar_{t_prev}``. On a grid
+    of spacing 1 this is the exact posterior. On a coarser grid it is not the posterior between
+    t_prev and t (that one has the grid step's ``alpha = abar_t / abar_prev``, several training steps'
+    worth, in place of ``alpha_t``, which is what this function took before): ``sigma`` is smaller
+    (``beta_t`` is about 1/spacing of the grid step's ``1 - alpha``), and the mean's weight on
+    x0, ``c0 + c1 * sqrt(abar_t)`` when x0hat = x0, is no longer ``sqrt(abar_prev)``. So with the
+    same noises in both branches, the target-minus-source difference keeps a term in
+    ``x0_tgt - x0_src`` (coefficient ``(sqrt(abar_prev) - c0 - c1 * sqrt(abar_t)) / sigma``, positive:
+    it pulls the target back to the source) besides the weighted ``eps_tgt - eps_src``; the exact
+    grid posterior cancels it. We follow the authors, whose results came from their formula.
     """
+    beta = _broadcast(beta, clean_latents)
+    alpha = _broadcast(alpha, clean_latents)
     alpha_bar = _broadcast(alpha_bar, clean_latents)
     previous_alpha_bar = _broadcast(previous_alpha_bar, clean_latents)
     noisy = alpha_bar.sqrt() * clean_latents + (1.0 - alpha_bar).sqrt() * noise
     clean_estimate = (noisy - (1.0 - alpha_bar).sqrt() * epsilon) / alpha_bar.sqrt()
-    alpha = alpha_bar / previous_alpha_bar  # the one-step alpha between the two grid points
-    beta = 1.0 - alpha
-    mean = (previous_alpha_bar.sqrt() * beta * clean_estimate + alpha.sqrt() * (1.0 - previous_alpha_bar) * noisy) / (
-        1.0 - alpha_bar
-    )
+    clean_weight = previous_alpha_bar.sqrt() * beta / (1.0 - alpha_bar)
+    noisy_weight = alpha.sqrt() * (1.0 - previous_alpha_bar) / (1.0 - alpha_bar)
+    mean = clean_weight * clean_estimate + noisy_weight * noisy
     deviation = ((1.0 - previous_alpha_bar) / (1.0 - alpha_bar) * beta).sqrt()
     previous = previous_alpha_bar.sqrt() * clean_latents + (1.0 - previous_alpha_bar).sqrt() * previous_noise
     return (previous - mean) / deviation

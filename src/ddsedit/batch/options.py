@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,15 +43,8 @@ class BatchOptions:
     mask_noises: int | None = None
     mask_threshold: float | None = None
     mask_grow: int | None = None
-    # The options of the methods beyond DDS, for every row whose method reads them (None: the default).
-    dds_weight: float | None = None
-    cut_weight: float | None = None
-    cut_patches: int | None = None
-    cut_patch_sizes: tuple[int, ...] | None = None
-    cut_temperature: float | None = None
-    pds_grid: int | None = None
-    identity_steps: int | None = None
-    identity_weight: float | None = None
+    # The methods' own options that were given (--cut-weight, ...), by name, for every row whose method reads them.
+    method_options: dict[str, Any] = field(default_factory=dict)
 
     def mask_settings(self) -> AutoMaskSettings:
         """How the rows whose mask is ``auto`` draw it (each with its own seed: the row's)."""
@@ -61,20 +54,18 @@ class BatchOptions:
 
     def overrides(self) -> dict[str, Any]:
         """The edit settings that were given (``None``: not given)."""
-        return dict(
+        shared = dict(
             steps=self.steps, guidance=self.guidance, lr=self.lr, t_min=self.t_min, t_max=self.t_max,
-            seed=self.seed, negative=self.negative, size=self.size, dds_weight=self.dds_weight,
-            cut_weight=self.cut_weight, cut_patches=self.cut_patches, cut_patch_sizes=self.cut_patch_sizes,
-            cut_temperature=self.cut_temperature, pds_grid=self.pds_grid, identity_steps=self.identity_steps,
-            identity_weight=self.identity_weight,
+            seed=self.seed, negative=self.negative, size=self.size,
         )  # fmt: skip
+        return {**shared, **{name: value for name, value in self.method_options.items() if value is not None}}
 
     def child_arguments(self) -> list[str]:
         """The ``ddsedit batch ...`` arguments that repeat these options, minus ``--processes``."""
         arguments = ["batch", str(self.manifest), "--out-dir", str(self.out_dir)]  # the processes share our cwd
         arguments += ["--device", self.device, "--dtype", self.dtype, "--batch-size", str(self.batch_size)]
         valued = {"--model": self.model, "--prediction-type": self.prediction_type, **{
-            f"--{name.replace('_', '-')}": value for name, value in self.overrides().items()
+            _flag(name): value for name, value in self.overrides().items()
         }}  # fmt: skip
         valued.update({
             "--mask-strength": self.mask_strength, "--mask-noises": self.mask_noises,
@@ -101,3 +92,23 @@ class BatchOptions:
             raise InputError("--processes cannot be used under accelerate launch: use one or the other")
         check_prediction_type(self.prediction_type)
         self.mask_settings().validate()
+        from ddsedit.methods import option_declaration, option_methods
+
+        unknown = sorted(set(self.method_options) - set(option_methods()))
+        if unknown:
+            raise InputError(f"no method has the option {unknown[0]!r}")
+        for name, value in self.method_options.items():
+            problem = option_declaration(name).problem(value) if value is not None else None
+            if problem:
+                raise InputError(problem)
+
+
+def _flag(name: str) -> str:
+    """The flag of a setting: its declaration's (shared or a method's)."""
+    from ddsedit.methods import option_declaration, option_methods
+    from ddsedit.settings import EditConfig, declared_by_name
+
+    shared = declared_by_name(EditConfig)
+    if name in shared:
+        return shared[name].flag
+    return option_declaration(name).flag if name in option_methods() else "--" + name.replace("_", "-")

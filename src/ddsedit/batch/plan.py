@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from ddsedit.errors import DDSEditError, InputError
 from ddsedit.manifest import ManifestRow
-from ddsedit.names import DEFAULT_PREDICTION_TYPE, METHODS_WITH_REF
+from ddsedit.methods import get_method
+from ddsedit.names import DEFAULT_PREDICTION_TYPE
 
 if TYPE_CHECKING:
     from ddsedit.automask import AutoMaskSettings
     from ddsedit.batch.options import BatchOptions
-    from ddsedit.editor import EditConfig
+    from ddsedit.settings import EditConfig
 
 # Recorded by every output since outputs name the resolved model and their input files; an output
 # without them was written by an older ddsedit, whose record cannot show that it is this row's edit.
@@ -65,25 +66,49 @@ def expected_prediction_type(kind: str, path: Path, prediction_type: str | None)
     return str(config.get("prediction_type") or DEFAULT_PREDICTION_TYPE)  # as loading.load_model reads it
 
 
-def resolve_defaults(options: BatchOptions) -> tuple[dict[str, EditConfig], ExpectedModel]:
-    """Each method's default settings for the rows (its own, the model's ``ddsedit.json``, then the flags)
-    and what outputs record of the model.
+def resolve_defaults(
+    options: BatchOptions, methods: tuple[str, ...] | None = None
+) -> tuple[dict[str, EditConfig], ExpectedModel]:
+    """The default settings of each method the rows use (its own, the model's ``ddsedit.json``, then the flags)
+    and what outputs record of the model. ``methods``: the rows' methods (None: every registered method).
 
+    Only those methods are checked, and a method option given as a flag must be read by one of them.
     Reads only the model's defaults and scheduler config (or a checkpoint's header), not its
     weights, so that finished rows can be recognised without loading the model.
     """
-    from ddsedit.loading import locate_model, model_identity, read_defaults
-    from ddsedit.names import METHODS
-    from ddsedit.settings import resolve_config
+    from ddsedit.loading import DEFAULTS_FILE, locate_model, model_identity, read_defaults
+    from ddsedit.methods import method_names
+    from ddsedit.settings import option_names, resolve_config
 
+    used = [get_method(name) for name in (methods if methods is not None else method_names())]
     overrides = options.overrides()
-    for method in METHODS:
-        resolve_config(method, {}, overrides).validate_for(method)  # the flags, with their names in the message
+    for name in options.method_options:
+        if options.method_options[name] is not None and not any(
+            name in option_names(method.default_options()) for method in used
+        ):
+            from ddsedit.batch.options import _flag
+
+            listed = ", ".join(method.name for method in used) or "none"
+            raise InputError(f"{_flag(name)} acts on no row: the rows' methods ({listed}) do not read it")
+
+    def for_method(method: Any) -> dict[str, Any]:
+        own = option_names(method.default_options())
+        return {key: value for key, value in overrides.items() if key not in options.method_options or key in own}
+
+    for method in used:  # the flags alone first, so that an error names the flag rather than the model's file
+        flags = for_method(method)
+        config = resolve_config(method, {}, flags)
+        config.validate()
+        if problem := method.problem(config, given={key for key, value in flags.items() if value is not None}):
+            raise InputError(problem)
     kind, path = locate_model(options.model, allow_pickle=options.allow_pickle)
     model_defaults = read_defaults(path) if kind == "folder" else {}
-    defaults = {method: resolve_config(method, model_defaults, overrides) for method in METHODS}
-    for method, config in defaults.items():
-        config.validate_for(method)
+    source = str(path / DEFAULTS_FILE) if kind == "folder" else DEFAULTS_FILE
+    defaults = {method.name: resolve_config(method, model_defaults, for_method(method), source) for method in used}
+    for method in used:
+        defaults[method.name].validate()
+        if problem := method.problem(defaults[method.name]):
+            raise InputError(problem)
     expected = ExpectedModel(
         identity=model_identity(options.model, kind, path),
         prediction_type=expected_prediction_type(kind, path, options.prediction_type),
@@ -108,9 +133,9 @@ class Job:
 
     def expected_parameters(self, model: ExpectedModel) -> dict[str, Any]:
         """The parameters (but not the file hashes) that the output's metadata records when this row has run."""
-        from ddsedit.editor import edit_parameters
+        from ddsedit.metadata import edit_parameters
 
-        ref = self.row.ref if self.row.method in METHODS_WITH_REF else ""
+        ref = self.row.ref if get_method(self.row.method).needs_ref else ""
         parameters = edit_parameters(
             self.row.method, ref, self.row.query, self.seed, self.config, masked=self.row.mask is not None or
             self.row.auto_mask, auto_mask=self.auto_mask,
@@ -179,7 +204,8 @@ def plan_jobs(
         seed = row.seed if row.seed is not None else method_defaults.seed
         if seed is None:
             seed = row.derived_seed()
-        config = method_defaults.replace(steps=row.steps, guidance=row.guidance, lr=row.lr, seed=seed)
+        config = method_defaults.replace(steps=row.steps, guidance=row.guidance, lr=row.lr, seed=seed,
+                                         **row.method_settings)  # fmt: skip
         auto_mask = None
         if row.auto_mask:
             from ddsedit.automask import AutoMaskSettings

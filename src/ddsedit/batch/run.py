@@ -98,7 +98,7 @@ def run_batch(options: BatchOptions, console: Console, emit: Callable[[str], Non
     from ddsedit.loading import quiet_third_party_output
 
     quiet_third_party_output(options.verbose)  # imports the libraries: only now that the manifest is fine
-    defaults, expected_model = resolve_defaults(options)
+    defaults, expected_model = resolve_defaults(options, tuple(dict.fromkeys(row.method for row in manifest.rows)))
 
     if options.processes > 1:
         return launch_processes(options, console)

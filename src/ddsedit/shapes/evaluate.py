@@ -30,7 +30,10 @@ from PIL import Image
 
 from ddsedit.automask import AUTO_MASK, AutoMaskSettings
 from ddsedit.editor import EditConfig, Editor, EditRequest
-from ddsedit.names import MASKED_METHOD, METHODS
+from ddsedit.errors import InputError
+from ddsedit.methods import get_method, method_names
+from ddsedit.names import MASKED_METHOD
+from ddsedit.settings import option_names
 from ddsedit.shapes.metrics import colour_mask, dilate, estimate_background, fit_shape, iou
 from ddsedit.shapes.stats import bootstrap_interval
 from ddsedit.shapes.world import (
@@ -51,8 +54,12 @@ DOT_TOLERANCE = 40.0  # levels from grey, on average over a dot's pixels
 BACKGROUND_MARGIN = 3  # px around the source shape left out of the background figure
 MASK_MARGIN = 4  # px the masked-DDS mask extends beyond the source shape
 AUTO_MASK_RUN = f"{MASKED_METHOD}-{AUTO_MASK}"  # masked DDS with the automatic mask
-RUNS = (*METHODS, AUTO_MASK_RUN)  # what --methods may name
 AUTO_MASK_FIGURES = "auto-mask"  # the automatic mask's own figures, in intervals and case_scores
+
+def eval_runs() -> tuple[str, ...]:
+    """What ``methods`` may name: every registered method, and masked DDS with the automatic mask."""
+    return (*method_names(), AUTO_MASK_RUN)
+
 
 _YY, _XX = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
 
@@ -372,7 +379,7 @@ def evaluate(
     batch_size: int = 8,
     grid_rows: int = 12,
     hold: bool = True,
-    methods: tuple[str, ...] = RUNS,
+    methods: tuple[str, ...] | None = None,
     on_progress: ProgressCallback | None = None,
     mask_settings: AutoMaskSettings | None = None,
 ) -> tuple[Report, Image.Image]:
@@ -388,19 +395,27 @@ def evaluate(
     method's defaults under ``overrides`` (e.g. ``{"steps": 50}``); the report records them.
     ``on_progress(label, count)`` follows the edits (:func:`edit_count` of them in all).
     """
-    unknown = [method for method in methods if method not in RUNS]
+    runs = eval_runs()
+    methods = methods or runs
+    unknown = [method for method in methods if method not in runs]
     if unknown or not methods:
-        raise ValueError(f"methods must be some of {', '.join(RUNS)}, got {', '.join(methods) or 'none'}")
-    configs = {method: editor.config(method, **(overrides or {})) for method in (*methods, "dds")}
-    for method, method_config in configs.items():
-        method_config.validate_for(method, editor.components.num_train_timesteps)
+        raise ValueError(f"methods must be some of {', '.join(runs)}, got {', '.join(methods) or 'none'}")
+    configs = {}
+    for run in (*methods, "dds"):
+        method = get_method(MASKED_METHOD if run == AUTO_MASK_RUN else run)
+        configs[run] = editor.config(method.name, **method.reads(overrides or {}))
+        configs[run].validate(editor.components.num_train_timesteps)
+        if problem := method.problem(configs[run], editor.components.num_train_timesteps):
+            raise InputError(problem)
     config = configs["dds"]  # the held run and the swaps are DDS's
     cases = recolour_cases(count, seed)
-    report = Report(cases=count, seed=seed, settings={k: v for k, v in asdict(config).items() if k != "seed"})
+    report = Report(cases=count, seed=seed, settings={k: v for k, v in config.settings().items() if k != "seed"})
     edited_by_method: dict[str, list[Image.Image]] = {}
     auto_masks: list[Image.Image] = []
     for method in methods:
-        report.method_settings[method] = configs[method].method_fields(method)
+        options = configs[method].options
+        report.method_settings[method] = {k: v for k, v in configs[method].settings().items()
+                                          if options is not None and k in option_names(options)}  # fmt: skip
         edited, masks = run_edits(editor, cases, method, configs[method], batch_size, on_progress=on_progress,
                                   mask_settings=mask_settings)  # fmt: skip
         scores = [score_edit(c, image, mask) for c, image, mask in zip(cases, edited, masks, strict=True)]
