@@ -157,7 +157,7 @@ def reference_loop(unet, source, embeddings, alphas, prediction_type, settings, 
     """A reference DDS loop: autograd SGD; two calls of batch 2 or one call of batch 4 under autocast."""
     latents = source.clone().requires_grad_(True)
     optimizer = torch.optim.SGD([latents], lr=settings.lr)
-    uncond, src, tgt = embeddings.unconditional, embeddings.source, embeddings.target
+    uncond, src, tgt = (part.hidden_states for part in (embeddings.unconditional, embeddings.source, embeddings.target))
     step_times, first_gradient = [], None
     device = source.device
     for timesteps, noise in sequence:
@@ -329,14 +329,15 @@ def run(args: argparse.Namespace) -> BenchReport:
 def engine_settings(loop: str, settings: LoopSettings) -> tuple[str, LoopSettings]:
     """The method an engine loop runs (``ddsedit-ids-cut``: ids) and its settings: the method's own defaults
     (as ``Editor.config(method)`` resolves them without a model's), IDS's CUT term only in ``-cut``."""
-    from ddsedit.editor import method_options
+    from ddsedit.methods import get_method
     from ddsedit.settings import resolve_config
 
     method, _, variant = loop.removeprefix("ddsedit").removeprefix("-").partition("-")
     method = method or "dds"
     overrides = {"cut_weight": 3.0} if variant == "cut" else {}  # the time is the same for any weight above 0
-    options = method_options(resolve_config(method, {}, overrides))
-    return method, dataclasses.replace(settings, method=method, options=options)
+    config = resolve_config(get_method(method), {}, overrides)
+    return method, dataclasses.replace(settings, method=method, options=config.options, t_min=config.t_min,
+                                       t_max=config.t_max)  # fmt: skip
 
 
 def add_ratios(report: BenchReport) -> None:
@@ -386,7 +387,7 @@ def engine_options(args: argparse.Namespace) -> str:
 
 def embeddings_as(embeddings: PromptEmbeddings, dtype: torch.dtype) -> PromptEmbeddings:
     return PromptEmbeddings(
-        *(part.to(dtype) for part in (embeddings.unconditional, embeddings.source, embeddings.target))
+        *(part.hidden_states.to(dtype) for part in (embeddings.unconditional, embeddings.source, embeddings.target))
     )
 
 

@@ -32,11 +32,12 @@ import torch
 from PIL import Image
 
 from ddsedit import scores
-from ddsedit.editor import Editor, method_options
+from ddsedit.conditioning import Conditioning
+from ddsedit.editor import Editor
+from ddsedit.errors import InputError
+from ddsedit.gradients import GradientInputs, PromptEmbeddings, StepDraws, predict_epsilon
 from ddsedit.imageio import image_to_tensor
-from ddsedit.methods import GRADIENTS, GradientInputs, PromptEmbeddings, StepDraws
-from ddsedit.names import METHODS_WITH_REF
-from ddsedit.optimize import predict_epsilon
+from ddsedit.methods import get_method, method_names
 from ddsedit.shapes import evaluate
 from ddsedit.shapes.world import BACKGROUNDS, IMAGE_SIZE, render
 
@@ -76,28 +77,35 @@ def drift_table(
     ``method``'s settings are the editor's (``editor.config(method)``), with ``overrides`` (e.g.
     ``{"cut_weight": 0.0}``) and ``guidance`` over them.
     """
-    if method not in METHODS_WITH_REF:
-        raise ValueError(f"drift needs a method with a reference branch ({', '.join(METHODS_WITH_REF)}), got {method}")
-    config = editor.config(method, **{**(overrides or {}), "guidance": guidance})  # None: the model's
+    with_ref = reference_methods()
+    if method not in with_ref:
+        raise InputError(f"drift needs a method with a reference branch ({', '.join(with_ref)}), got {method}")
+    declaration = get_method(method)
+    config = editor.config(method, **declaration.reads({**(overrides or {}), "guidance": guidance}))  # None: model's
+    config.validate(editor.components.num_train_timesteps)
+    highest = editor.components.num_train_timesteps - 1
+    if not timesteps or any(not 1 <= t <= highest for t in timesteps):
+        raise InputError(f"timesteps must be in [1, {highest}], got {', '.join(map(str, timesteps)) or 'none'}")
+    if draws < 1 or not cases:
+        raise InputError(f"need at least one case and one draw, got {len(cases)} cases and {draws} draws")
     components = editor.components
     source = _latents(editor, [render(case.source)[0] for case in cases])
     target = _latents(editor, [render(case.target)[0] for case in cases])
-    query = editor.encode_prompts([case.query for case in cases])
-    reference = editor.encode_prompts([case.ref for case in cases])
-    empty = editor.encode_prompts([""] * len(cases))
+    query = editor.encode_prompt([case.query for case in cases])
+    reference = editor.encode_prompt([case.ref for case in cases])
+    empty = editor.encode_prompt([""] * len(cases))
     alphas_cumprod = components.alphas_cumprod.to(device=editor.device, dtype=torch.float32)
-    num_train_timesteps = alphas_cumprod.shape[0]
 
     def inputs_at(scale: float) -> GradientInputs:
         patch_generators = [torch.Generator(device=editor.device).manual_seed(seed + i) for i in range(len(cases))]
         return GradientInputs(
             components.unet, source, PromptEmbeddings(empty, reference, query), alphas_cumprod,
-            components.prediction_type, scale, method_options(config), patch_generators,
+            components.prediction_type, scale, config.options, patch_generators,
+            betas=components.betas,
         )  # fmt: skip
 
     guided_inputs, plain_inputs = inputs_at(config.guidance), inputs_at(1.0)
-    gradient_function = GRADIENTS[method]
-    spacing = num_train_timesteps // config.pds_grid  # pds: t_prev is one grid spacing below t
+    gradient_function = declaration.gradient_function()
     generator = torch.Generator(device=editor.device).manual_seed(seed)
     rows = []
     for timestep in timesteps:
@@ -109,17 +117,15 @@ def drift_table(
         error_source = torch.zeros(len(cases), device=editor.device)
         for _ in range(draws):
             step = StepDraws(t, torch.randn(source.shape, generator=generator, device=editor.device))
-            if method == "pds":
-                step.previous_timesteps = (t - spacing).clamp(min=0)
-                step.previous_noise = torch.randn(source.shape, generator=generator, device=editor.device)
+            if method == "pds":  # t on the scheduler's grid, and the grid's previous step
+                step = pds_step_at(editor, config, timestep, step, generator)
             gradient += gradient_function(guided_inputs, target, step).detach() / draws
             conditional += gradient_function(plain_inputs, target, step).detach() / draws
             noisy_target = scores.add_noise(target, step.noise, alpha_bar)
             noisy_source = scores.add_noise(source, step.noise, alpha_bar)
             with torch.no_grad():
-                epsilon = predict_epsilon(components.unet, torch.cat([noisy_target, noisy_source]), t.repeat(2),
-                                          torch.cat([query, query]), alpha_bar.repeat(2),
-                                          components.prediction_type)  # fmt: skip
+                epsilon = predict_epsilon(plain_inputs, torch.cat([noisy_target, noisy_source]), t.repeat(2),
+                                          Conditioning.cat([query, query]), alpha_bar.repeat(2))  # fmt: skip
             query_at_target, query_at_source = epsilon.chunk(2)
             error_target += (query_at_target - step.noise).pow(2).mean((1, 2, 3)) / draws
             error_source += (query_at_source - step.noise).pow(2).mean((1, 2, 3)) / draws
@@ -136,6 +142,25 @@ def drift_table(
                 rows.append(DriftRow(timestep, background,
                                      **{k: float(v[chosen].mean()) for k, v in per_case.items()}))  # fmt: skip
     return rows
+
+
+def reference_methods() -> tuple[str, ...]:
+    """The registered methods with a reference branch (drift is measured against the source's)."""
+    return tuple(name for name in method_names() if get_method(name).needs_ref)
+
+
+def pds_step_at(editor: Editor, config: Any, timestep: int, step: StepDraws, generator: torch.Generator) -> StepDraws:
+    """PDS's draws at ``timestep``, which must be a point of its grid: the grid's previous step and a second noise."""
+    from ddsedit import pds
+
+    grid = pds.pds_timesteps(editor.components.scheduler_config, config.options.pds_grid).to(editor.device)
+    index = int(torch.searchsorted(grid, torch.tensor(timestep, device=editor.device)))
+    if index == 0 or index >= len(grid) or int(grid[index]) != timestep:
+        near = ", ".join(str(int(t)) for t in grid[max(0, index - 1) : index + 1])
+        raise InputError(f"pds: timestep {timestep} is not on its {config.options.pds_grid}-step grid (near: {near})")
+    previous = torch.full_like(step.timesteps, int(grid[index - 1]))
+    noise = torch.randn(step.noise.shape, generator=generator, device=editor.device)
+    return StepDraws(step.timesteps, step.noise, {"previous_timesteps": previous, "previous_noise": noise})
 
 
 def format_table(rows: list[DriftRow]) -> str:
@@ -159,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--draws", type=int, default=8, help="noise draws averaged per timestep")
     parser.add_argument("--guidance", type=float, default=None, help="default: the model's")
     parser.add_argument("--timesteps", default=",".join(map(str, TIMESTEPS)))
-    parser.add_argument("--method", default="dds", choices=METHODS_WITH_REF)
+    parser.add_argument("--method", default="dds", choices=reference_methods())
     parser.add_argument("--cut-weight", type=float, default=None, help="cds, ids: default: the model's")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
@@ -167,11 +192,19 @@ def main(argv: list[str] | None = None) -> None:
     from ddsedit.loading import quiet_third_party_output
 
     quiet_third_party_output()
+    try:
+        timesteps = tuple(int(t) for t in args.timesteps.split(",") if t.strip())
+    except ValueError:
+        parser.error(f"--timesteps must be comma-separated integers, got {args.timesteps!r}")
+    if args.cases < 1 or args.draws < 1:
+        parser.error("--cases and --draws must be at least 1")
     editor = Editor.from_pretrained(args.model, device=args.device)
     cases = evaluate.recolour_cases(args.cases, seed=args.seed)
-    timesteps = tuple(int(t) for t in args.timesteps.split(","))
-    rows = drift_table(editor, cases, timesteps, draws=args.draws, guidance=args.guidance, method=args.method,
-                       overrides={"cut_weight": args.cut_weight})  # fmt: skip
+    try:
+        rows = drift_table(editor, cases, timesteps, draws=args.draws, guidance=args.guidance, method=args.method,
+                           overrides={"cut_weight": args.cut_weight})  # fmt: skip
+    except InputError as error:
+        parser.error(str(error))
     print(format_table(rows))
 
 

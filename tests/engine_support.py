@@ -24,7 +24,7 @@ def edit_trajectory(
     """
     import ddsedit.editor as editor_module
 
-    loop = editor_module.distill
+    loop = editor_module.distill_loop
     seen: dict[str, Any] = {"trajectory": []}
 
     def observed_loop(
@@ -39,7 +39,7 @@ def edit_trajectory(
 
         return loop(unet, source_latents, *args, on_step=record, **kwargs)
 
-    monkeypatch.setattr(editor_module, "distill", observed_loop)
+    monkeypatch.setattr(editor_module, "distill_loop", observed_loop)
     editor.edit(image, method, query=query, ref=ref, mask=mask, config=config)
     return seen["source"], seen["trajectory"]
 

@@ -112,6 +112,23 @@ def test_processors_are_put_back_after_use_and_after_an_error(tiny_model_dir: Pa
     assert _processor_identities(unet) == before
 
 
+def test_processors_are_put_back_when_a_later_swap_fails(tiny_model_dir: Path) -> None:
+    """The last layer's swap fails: the ones swapped before it are restored, and the error goes through."""
+    unet = _tiny_unet(tiny_model_dir)
+    before = _processor_identities(unet)
+    recorder = SelfAttentionRecorder(unet)
+    assert len(recorder.layers) > 1
+    third = sorted(recorder.layers)[-1]  # the last swap fails, after the others
+
+    def refuse(processor: object) -> None:
+        raise RuntimeError("this layer refuses a new processor")
+
+    recorder.layers[third].set_processor = refuse
+    with pytest.raises(RuntimeError, match="refuses"), recorder:
+        pass
+    assert _processor_identities(unet) == before
+
+
 def _picture() -> Image.Image:
     image = Image.new("RGB", (32, 32), (240, 240, 240))
     ImageDraw.Draw(image).ellipse((6, 6, 24, 24), fill=(220, 40, 40))

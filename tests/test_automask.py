@@ -102,9 +102,9 @@ def _model_map(editor: Editor, image: Image.Image, seed: int, noises: int = 3, c
     from ddsedit import imageio
 
     latents = editor.encode_image(imageio.image_to_tensor(image, image.size))
-    embeddings = editor.encode_prompts([REF, QUERY])
+    embeddings = editor.encode_prompt([REF, QUERY])
     ref_eps, query_eps = automask.noise_predictions(
-        editor.components.unet, latents, embeddings[0:1], embeddings[1:2],
+        editor.components.unet, latents, embeddings.rows(0, 1), embeddings.rows(1, 2),
         automask.strength_timestep(0.5, editor.components.num_train_timesteps), editor.components.alphas_cumprod,
         editor.components.prediction_type, noises, torch.Generator().manual_seed(seed), chunk_size,
     )  # fmt: skip

@@ -192,7 +192,7 @@ def test_method_options_reach_the_rows_that_read_them_and_resume_compares_them(
 def test_a_bad_method_option_is_one_line_before_any_row_runs(tmp_path: Path, images: Path, tiny_model_dir) -> None:
     manifest = write_jsonl(tmp_path / "manifest.jsonl", manifest_rows(1))
     for flag, value, message in (("--cut-patch-sizes", "1,x", "--cut-patch-sizes must be comma-separated integers"),
-                                 ("--identity-steps", "-1", "--identity-steps must be >= 0"),
+                                 ("--identity-steps", "-1", "--identity-steps must be in the range [0, 100]"),
                                  ("--pds-grid", "1", "--pds-grid must be in")):  # fmt: skip
         result = run_cli(manifest, tmp_path / "out", tiny_model_dir, flag, value)
         assert result.exit_code == 2 and message in result.stderr, (flag, result.stderr)

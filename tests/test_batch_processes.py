@@ -115,8 +115,8 @@ def test_cuda_graph_on_a_cpu_is_one_clear_error_and_reaches_child_processes(
 
 
 def test_child_processes_get_the_method_options(tmp_path: Path) -> None:
-    options = BatchOptions(manifest=tmp_path / "m.jsonl", out_dir=tmp_path / "out", cut_patch_sizes=(1, 2),
-                           identity_weight=2.0, cut_weight=0.5)  # fmt: skip
+    options = BatchOptions(manifest=tmp_path / "m.jsonl", out_dir=tmp_path / "out",
+                           method_options={"cut_patch_sizes": (1, 2), "identity_weight": 2.0, "cut_weight": 0.5})
     arguments = options.child_arguments()
     for flag, value in (("--cut-patch-sizes", "1,2"), ("--identity-weight", "2.0"), ("--cut-weight", "0.5")):
         assert arguments[arguments.index(flag) + 1] == value

@@ -10,18 +10,19 @@ import pytest
 from ddsedit.checks import check_prediction_type, check_prompts, prompt_problems
 from ddsedit.errors import InputError
 from ddsedit.formats import OUTPUT_SUFFIXES, has_output_suffix, output_suffixes_text
-from ddsedit.names import METHODS, PREDICTION_TYPES
+from ddsedit.names import PREDICTION_TYPES
 
 
 def test_the_editing_code_uses_the_shared_names() -> None:
-    from ddsedit import optimize, scores
+    from ddsedit import scores
 
-    assert optimize.METHODS is METHODS and scores.PREDICTION_TYPES is PREDICTION_TYPES
+    assert scores.PREDICTION_TYPES is PREDICTION_TYPES
 
 
 def test_checking_input_does_not_import_torch() -> None:
     code = (
-        "import sys; import ddsedit.batch, ddsedit.manifest, ddsedit.checks, ddsedit.names, ddsedit.formats; "
+        "import sys; import ddsedit.batch, ddsedit.manifest, ddsedit.checks, ddsedit.names, ddsedit.formats, "
+        "ddsedit.methods, ddsedit.families, ddsedit.settings, ddsedit.metadata, ddsedit.batch.plan, ddsedit.cli; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

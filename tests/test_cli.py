@@ -291,7 +291,7 @@ def test_usage_errors_are_one_line_and_required_options_say_so(circle_files) -> 
     for command, options in (("dds", ["--ref"]), ("masked-dds", ["--ref", "--mask"])):
         shown = runner.invoke(app, [command, "--help"], terminal_width=200).stdout
         for option in options:
-            line = next(text for text in shown.splitlines() if text.strip().startswith(option + " "))
+            line = next(text for text in shown.splitlines() if text.lstrip("│ *").startswith(option + " "))
             assert "[required]" in line, line
 
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ddsedit.editor import Editor, EditRequest
-from ddsedit.names import METHODS
+from ddsedit.methods import method_names
 
 QUERY, REF = "a blue square", "a red circle"
 
@@ -34,7 +34,7 @@ def _mask() -> Image.Image:
 
 # cut_patches 16, far below the feature maps' 256 and 64 positions: which positions are drawn matters.
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
-    **{method: (method, {}) for method in METHODS},
+    **{method: (method, {}) for method in method_names()},
     "cds-few-patches": ("cds", {"cut_patches": 16}),
     "ids-with-cut": ("ids", {"cut_weight": 3.0, "cut_patches": 16}),
 }

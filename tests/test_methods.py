@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from engine_support import edit_trajectory
 from PIL import Image, ImageDraw
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -86,13 +86,18 @@ class Settings:
     cut_patches: int = 256
     cut_patch_sizes: tuple[int, ...] = (1, 2)
     cut_temperature: float = 0.07
-    pds_grid: int = 50
+    pds_grid: int = 500
     identity_steps: int = 3
     identity_weight: float = 1.0
 
-    def engine_overrides(self) -> dict[str, Any]:
-        """Every field as an :meth:`Editor.config` override."""
-        return dataclasses.asdict(self)
+    def engine_overrides(self, method: str) -> dict[str, Any]:
+        """Every field ``method`` reads, as an :meth:`Editor.config` override."""
+        return {key: value for key, value in dataclasses.asdict(self).items() if key not in OTHER_METHODS[method]}
+
+
+_CUT = {"dds_weight", "cut_weight", "cut_patches", "cut_patch_sizes", "cut_temperature"}
+_IDENTITY = {"identity_steps", "identity_weight"}
+OTHER_METHODS = {"pds": _CUT | _IDENTITY, "cds": _IDENTITY | {"pds_grid"}, "ids": {"pds_grid"}}
 
 
 class ReferenceMethods:
@@ -104,7 +109,9 @@ class ReferenceMethods:
         self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
         self.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval().requires_grad_(False)
         scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+        self.scheduler_config = dict(scheduler.config)
         self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
+        self.betas = scheduler.betas.to(torch.float32)  # one training step's, as the PDS authors take them
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.prediction_type = scheduler.config.prediction_type
         # CDS's layers: every self-attention module of the decoder (up blocks), by name.
@@ -178,11 +185,13 @@ class ReferenceMethods:
         self, clean: torch.Tensor, noise: torch.Tensor, previous_noise: torch.Tensor, timestep: torch.Tensor,
         previous_timestep: torch.Tensor, unconditional: torch.Tensor, text: torch.Tensor, guidance: float,
     ) -> torch.Tensor:  # fmt: skip
-        """z = (x_prev - mu) / sigma for one branch, each symbol as the issue defines it."""
+        """z = (x_prev - mu) / sigma for one branch, as the PDS authors' pds.py computes it: the ONE-step beta_t and
+        alpha_t = 1 - beta_t of the training schedule at t, with the cumulative products at t and at the grid's
+        previous step (issue #20)."""
         alpha_bar = self.alphas_cumprod[timestep]
         alpha_bar_prev = self.alphas_cumprod[previous_timestep]
-        alpha_t = alpha_bar / alpha_bar_prev
-        beta_t = 1.0 - alpha_t
+        beta_t = self.betas[timestep]
+        alpha_t = 1.0 - beta_t
         x_t = alpha_bar.sqrt() * clean + (1.0 - alpha_bar).sqrt() * noise
         e = self.guided(x_t, timestep, alpha_bar, unconditional, text, guidance)
         x0_hat = (x_t - (1.0 - alpha_bar).sqrt() * e) / alpha_bar.sqrt()
@@ -193,11 +202,15 @@ class ReferenceMethods:
         x_prev = alpha_bar_prev.sqrt() * clean + (1.0 - alpha_bar_prev).sqrt() * previous_noise
         return (x_prev - mu) / sigma
 
-    def pds_grid(self, settings: Settings) -> tuple[list[int], int]:
-        """The DDIM grid points t may take (those in [t_min, t_max)) and the grid's spacing."""
-        spacing = self.num_train_timesteps // settings.pds_grid
-        points = [spacing * k for k in range(1, self.num_train_timesteps) if spacing * k < self.num_train_timesteps]
-        return [t for t in points if settings.t_min <= t < settings.t_max], spacing
+    def pds_grid(self, settings: Settings) -> list[tuple[int, int]]:
+        """The (t, t_prev) pairs t may take: the scheduler's own DDIM grid of ``pds_grid`` steps in ascending order,
+        indices from int(2% of its length) to int(98%) (exclusive), t in [t_min, t_max), t_prev the point before."""
+        scheduler = DDIMScheduler.from_config(self.scheduler_config)
+        scheduler.set_timesteps(settings.pds_grid)
+        ascending = [int(t) for t in reversed(scheduler.timesteps)]
+        low, high = int(settings.pds_grid * 0.02), int(settings.pds_grid * 0.98)
+        return [(ascending[i], ascending[i - 1]) for i in range(low, high)
+                if settings.t_min <= ascending[i] < settings.t_max]  # fmt: skip
 
     # ------------------------------------------------------------------ CDS's contrastive loss
 
@@ -285,12 +298,12 @@ class ReferenceMethods:
         latents = source.clone().requires_grad_(True)
         optimizer = torch.optim.SGD([latents], lr=settings.lr)
         generator = torch.Generator().manual_seed(settings.seed)
-        grid, spacing = self.pds_grid(settings)
+        grid = self.pds_grid(settings)
         trajectory = []
         for _ in range(settings.steps):
             if method == "pds":
                 index = torch.randint(0, len(grid), (1,), generator=generator)
-                timestep = torch.tensor([grid[int(index)]])
+                timestep, previous_timestep = (torch.tensor([t]) for t in grid[int(index)])
                 noise = torch.randn(source.shape, generator=generator)
                 previous_noise = torch.randn(source.shape, generator=generator)
             else:
@@ -302,7 +315,7 @@ class ReferenceMethods:
                 if method == "pds":
                     posterior = [
                         self.standardized_posterior_sample(
-                            clean, noise, previous_noise, timestep, timestep - spacing, unconditional, text,
+                            clean, noise, previous_noise, timestep, previous_timestep, unconditional, text,
                             settings.guidance,
                         )
                         for clean, text in ((latents, target_text), (source, source_text))
@@ -349,7 +362,7 @@ def run_engine(
     from ddsedit.editor import Editor
 
     editor = Editor.from_pretrained(folder, device="cpu", dtype="fp32")
-    config = editor.config(method, **settings.engine_overrides())
+    config = editor.config(method, **settings.engine_overrides(method))
     return edit_trajectory(monkeypatch, editor, image, method, query, ref, mask, config)
 
 
@@ -390,7 +403,8 @@ REF, QUERY = "a photo of a red circle", "a painting of a blue square"
 # PatchNCE's details move the latents far beyond rounding; other grids, weights and correction counts.
 CASES = {
     "pds": ("tiny_model_dir", "pds", Settings(), (32, 32), False),
-    "pds-v-grid25": ("tiny_v_model_dir", "pds", Settings(pds_grid=25, seed=77), (32, 32), False),
+    "pds-v-grid50": ("tiny_v_model_dir", "pds", Settings(pds_grid=50, t_min=1, t_max=999, seed=77), (32, 32), False),
+    "pds-grid1000": ("tiny_model_dir", "pds", Settings(pds_grid=1000, seed=3), (32, 32), False),
     "cds": ("tiny_model_dir", "cds", Settings(), (32, 32), False),
     "cds-subset": ("tiny_model_dir", "cds", Settings(cut_patches=24, cut_patch_sizes=(2, 1), dds_weight=0.2,
                                                      cut_weight=15.0), (32, 32), False),
@@ -457,11 +471,12 @@ def test_the_extra_term_moves_the_latents_well_beyond_the_tolerance(
 
 def test_method_defaults_are_the_issues(tiny_editor: Any) -> None:
     """The settings the issue names as each method's defaults (the reference runs state them all explicitly)."""
-    cds, pds, ids = (tiny_editor.config(method) for method in ("cds", "pds", "ids"))
+    cds, pds, ids = (tiny_editor.config(method).options for method in ("cds", "pds", "ids"))
     assert (cds.dds_weight, cds.cut_weight, cds.cut_patches, tuple(cds.cut_patch_sizes), cds.cut_temperature) == (
         1.0, 3.0, 256, (1, 2), 0.07,
     )  # fmt: skip
-    assert pds.pds_grid == 50
+    assert pds.pds_grid == 500  # the PDS authors' grid, over their whole 2%-98% range of it
+    assert (tiny_editor.config("pds").t_min, tiny_editor.config("pds").t_max) == (1, 999)
     assert (ids.identity_steps, ids.identity_weight, ids.cut_weight) == (3, 1.0, 0.0)  # IDS: no CUT unless asked
 
 

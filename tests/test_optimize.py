@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ddsedit import methods, scores
-from ddsedit.methods import GradientInputs, StepDraws
+from ddsedit import gradients as methods
+from ddsedit import scores
+from ddsedit.gradients import GradientInputs, StepDraws
 from ddsedit.optimize import LoopSettings, PromptEmbeddings, distill
 
 

@@ -59,9 +59,14 @@ class SelfAttentionRecorder:
         self._originals: dict[str, Any] = {}
 
     def __enter__(self) -> SelfAttentionRecorder:
-        for name, layer in self.layers.items():
-            self._originals[name] = layer.processor
-            layer.set_processor(_RecordingProcessor(layer.processor, name, self.outputs))
+        try:
+            for name, layer in self.layers.items():
+                original = layer.processor
+                layer.set_processor(_RecordingProcessor(original, name, self.outputs))
+                self._originals[name] = original
+        except BaseException:
+            self.__exit__(None, None, None)  # a later swap failed: put back the ones already swapped
+            raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:

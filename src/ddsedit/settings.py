@@ -93,7 +93,7 @@ class Declared:
         high_ok = info.maximum is None or value <= info.maximum
         if math.isfinite(value) and low_ok and high_ok:
             return None
-        return f"{label} must be in {self.valid_range()}, got {_shown(value)}"
+        return f"{label} must be in the range {self.valid_range()}, got {_shown(value)}"
 
     def valid_range(self) -> str:
         info = self.info
@@ -128,7 +128,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _number(value: float) -> str:
-    return f"{value:g}"
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
 
 
 def _shown(value: Any) -> str:
@@ -206,6 +206,13 @@ class EditConfig:
         maximum=1_000_000, recorded=False,
     )  # fmt: skip
     options: Any = None  # the method's own settings (None: a method without any, or not resolved yet)
+
+    def __getattr__(self, name: str) -> Any:
+        """The method's options read like the shared settings: ``config.cut_weight`` is ``config.options.cut_weight``."""
+        options = self.__dict__.get("options")
+        if options is not None and name in option_names(options):
+            return getattr(options, name)
+        raise AttributeError(f"{type(self).__name__} has no setting {name!r} (for this method)")
 
     def replace(self, **overrides: Any) -> EditConfig:
         """A copy with ``overrides`` applied, each checked; ``None`` values are ignored (flag not given).
