@@ -132,7 +132,7 @@ def _number(value: float) -> str:
 
 
 def _shown(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else (_number(value) if isinstance(value, float) else str(value))
+    return repr(value) if isinstance(value, str) else (f"{value:g}" if isinstance(value, float) else str(value))
 
 
 @cache
