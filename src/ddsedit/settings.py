@@ -208,7 +208,7 @@ class EditConfig:
     options: Any = None  # the method's own settings (None: a method without any, or not resolved yet)
 
     def __getattr__(self, name: str) -> Any:
-        """The method's options read like the shared settings: ``config.cut_weight`` is ``config.options.cut_weight``."""
+        """The method's options read like shared settings: ``config.cut_weight`` is ``config.options.cut_weight``."""
         options = self.__dict__.get("options")
         if options is not None and name in option_names(options):
             return getattr(options, name)
