@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,3 +105,13 @@ def test_defaults_file(tmp_path) -> None:
     (tmp_path / "ddsedit.json").write_text("[1, 2]")
     with pytest.raises(ModelError, match="JSON object"):
         loading.read_defaults(tmp_path)
+
+
+def test_a_folder_of_an_unsupported_family_is_one_line_before_its_weights_load(tmp_path: Path) -> None:
+    folder = tmp_path / "sdxl"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(ModelError, match="StableDiffusionXLPipeline models are not supported yet"):
+        loading.load_model(folder, device="cpu")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    assert loading.folder_family(folder).name == "sd"

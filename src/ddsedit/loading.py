@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ddsedit.errors import InputError, ModelError
-from ddsedit.families import DEFAULT_FAMILY, FAMILIES, Family
+from ddsedit.families import DEFAULT_FAMILY, FAMILIES, Family, family_of_pipeline
 from ddsedit.formats import PICKLE_SUFFIXES
 from ddsedit.names import DEFAULT_PREDICTION_TYPE, PREDICTION_TYPES
 
@@ -247,6 +247,23 @@ def read_defaults(folder: Path) -> dict[str, Any]:
     return defaults
 
 
+def folder_family(folder: Path) -> Family:
+    """The family of a diffusers folder, from its model_index.json's pipeline class (none: SD 1.x/2.x).
+
+    Raises:
+        ModelError: the folder holds a pipeline of a family ddsedit does not support (yet), or an unreadable index.
+    """
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        return FAMILIES[DEFAULT_FAMILY]
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot read {index_path}: {error}") from None
+    class_name = index.get("_class_name") if isinstance(index, dict) else None
+    return family_of_pipeline(class_name if isinstance(class_name, str) else None)
+
+
 def _load_folder(folder: Path, torch_dtype) -> dict[str, Any]:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -289,7 +306,9 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, torch_device)
     kind, path = locate_model(model, allow_pickle=allow_pickle)
     defaults_source = DEFAULTS_FILE
+    family = FAMILIES[DEFAULT_FAMILY]
     if kind == "folder":
+        family = folder_family(path)  # before any weights load: an unsupported family is one line at once
         parts = _load_folder(path, torch_dtype)
         defaults = read_defaults(path)
         defaults_source = str(path / DEFAULTS_FILE)
@@ -329,7 +348,7 @@ def load_model(
         defaults_source=defaults_source,
         scheduler_config=dict(scheduler_config),
         betas=parts["scheduler"].betas.float(),
-        family=FAMILIES[DEFAULT_FAMILY],
+        family=family,
     )
     return components, torch_device, torch_dtype
 
