@@ -72,12 +72,15 @@ def test_ids_keeps_the_shape_where_dds_loses_it(shapes_editor) -> None:
 
 
 def test_the_bundled_model_ships_the_method_defaults_its_eval_chose(shapes_editor) -> None:
-    # ddsedit.json's "methods" section: a CUT weight of 10 for CDS and IDS (chosen on the tune cases, confirmed
-    # on the eval's; model card). Everything else keeps the papers' defaults, and a flag still wins.
+    # ddsedit.json's "methods" section: a CUT weight of 10 for CDS and IDS, and for PDS lr 0.2 with t from 50
+    # (chosen on the tune cases, confirmed on the eval's; model card). Everything else keeps the papers'
+    # defaults, and a flag still wins.
     assert shapes_editor.config("cds").cut_weight == shapes_editor.config("ids").cut_weight == 10.0
     assert shapes_editor.config("cds", cut_weight=3.0).cut_weight == 3.0
     assert shapes_editor.config("ids").identity_steps == 3 and shapes_editor.config("ids").identity_weight == 1.0
-    assert shapes_editor.config("pds").lr == shapes_editor.config("dds").lr == 0.1
+    pds = shapes_editor.config("pds")
+    assert (pds.lr, pds.t_min, pds.t_max, pds.pds_grid, pds.guidance) == (0.2, 50, 999, 500, 7.5)
+    assert shapes_editor.config("dds").lr == 0.1 and shapes_editor.config("pds", lr=0.1).lr == 0.1
 
 
 def test_cds_at_the_bundled_weight_keeps_the_shape_where_dds_and_the_papers_weight_lose_it(shapes_editor) -> None:

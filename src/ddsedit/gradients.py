@@ -19,6 +19,8 @@ method uses, and its draws, are declared in :mod:`ddsedit.methods`.
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,11 +161,24 @@ def pds(inputs: GradientInputs, latents: torch.Tensor, draws: StepDraws) -> torc
     return scores.pds_gradient(posterior(latents, target), posterior(inputs.source_latents, source))
 
 
+@functools.lru_cache(maxsize=8)
+def _pds_grid(scheduler_config: str, grid_steps: int) -> torch.Tensor:
+    """:func:`ddsedit.pds.pds_timesteps` of a JSON-encoded config, built once, not at every step."""
+    from ddsedit import pds as pds_grid
+
+    return pds_grid.pds_timesteps(json.loads(scheduler_config), grid_steps)
+
+
+def pds_grid_of(schedule: NoiseSchedule, grid_steps: int) -> torch.Tensor:
+    """The ascending grid of ``grid_steps`` steps of the model's scheduler (see :mod:`ddsedit.pds`)."""
+    return _pds_grid(json.dumps(schedule.scheduler_config, sort_keys=True, default=str), grid_steps)
+
+
 def pds_steps(schedule: NoiseSchedule, grid_steps: int, t_min: int, t_max: int) -> torch.Tensor:
     """The grid indices PDS draws from: the authors' range (2% to 98% of the grid) within ``[t_min, t_max)``."""
     from ddsedit import pds as pds_grid
 
-    grid = pds_grid.pds_timesteps(schedule.scheduler_config, grid_steps)
+    grid = pds_grid_of(schedule, grid_steps)
     try:
         low, high = pds_grid.pds_index_range(grid_steps)
     except ValueError as error:
@@ -186,7 +201,7 @@ def pds_draws(
     the noise at the previous step. The grid is the model scheduler's own (:mod:`ddsedit.pds`)."""
     from ddsedit import pds as pds_grid
 
-    grid = pds_grid.pds_timesteps(schedule.scheduler_config, settings.options.pds_grid).to(device)
+    grid = pds_grid_of(schedule, settings.options.pds_grid).to(device)
     allowed = pds_steps(schedule, settings.options.pds_grid, settings.t_min, settings.t_max).to(device)
     indices, noises, previous_noises = [], [], []
     for generator in generators:
