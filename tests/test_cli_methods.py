@@ -156,3 +156,13 @@ def test_mask_keeps_the_source_outside(
     assert np.abs(edited[~outside] - source_pixels[~outside]).max() > 1
     parameters = json.loads(read_metadata(output)["ddsedit"])
     assert parameters["method"] == method and parameters["paste_back"] is True and "mask_sha256" in parameters
+
+
+def test_help_shows_each_methods_own_defaults() -> None:
+    """pds draws t from 1 to 998 by its declaration: its --help says so, and batch's help names the exception."""
+    pds = runner.invoke(app, ["pds", "--help"], terminal_width=200, env={"COLUMNS": "200"}).stdout
+    line = next(text for text in pds.splitlines() if "--t-min" in text)
+    assert "[default: 1]" in line, line
+    batch = runner.invoke(app, ["batch", "--help"], terminal_width=200, env={"COLUMNS": "200"}).stdout
+    line = next(text for text in batch.splitlines() if "--t-min" in text)
+    assert "[default: 50; pds 1]" in line, line

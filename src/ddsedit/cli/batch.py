@@ -16,6 +16,7 @@ from ddsedit.cli.options import (
     DtypeOption,
     ModelOption,
     PredictionTypeOption,
+    default_per_method,
     from_flags,
     parameter,
     setting_parameter,
@@ -56,7 +57,7 @@ def batch_parameters() -> list[inspect.Parameter]:
             "--quiet", "-q", help="No progress bars or summary; errors only.", rich_help_panel=INPUT_PANEL)], False),
         parameter("verbose", Annotated[bool, typer.Option(
             "--verbose", help="Show library warnings and tracebacks.", rich_help_panel=INPUT_PANEL)], False),
-        *[setting_parameter(shared[name]) for name in BATCH_SETTINGS],
+        *[setting_parameter(shared[name], default_text=default_per_method(name)) for name in BATCH_SETTINGS],
         parameter("seed", Annotated[int | None, typer.Option(
             "--seed", help="Seed of rows without one. Default: a seed derived from the row, the same on every run.",
             show_default=False, rich_help_panel=EDIT_PANEL)]),

@@ -36,6 +36,7 @@ from ddsedit.cli.options import (
     in_panel_order,
     parameter,
     setting_parameter,
+    shown,
 )
 from ddsedit.errors import InputError
 from ddsedit.methods import MASK_NONE, MASK_REQUIRED, Method, all_methods
@@ -96,9 +97,10 @@ def command_parameters(method: Method) -> list[inspect.Parameter]:
     """Every option of ``method``'s command, derived from its declaration."""
     parameters = _fixed_parameters(method)
     shared = [item for item in declared(EditConfig) if item.name not in _MASK_SETTINGS]
-    parameters += [setting_parameter(item) for item in shared]
+    own_defaults = method.default_config()  # a method may set its own (pds: t from 1)
+    parameters += [setting_parameter(item, default_text=shown(getattr(own_defaults, item.name))) for item in shared]
     defaults = method.default_options()
-    parameters += [setting_parameter(item, default_text=_shown(getattr(defaults, item.name)))
+    parameters += [setting_parameter(item, default_text=shown(getattr(defaults, item.name)))
                    for item in declared(method.options)]  # fmt: skip
     if method.mask != MASK_NONE:
         parameters += _mask_parameters(method)
@@ -106,12 +108,6 @@ def command_parameters(method: Method) -> list[inspect.Parameter]:
     if method.graphable:
         parameters.append(parameter("cuda_graph", CudaGraphOption, False))
     return in_panel_order(parameters)
-
-
-def _shown(value: Any) -> str:
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def register_edit_commands(app: typer.Typer) -> None:
@@ -225,7 +221,7 @@ def refuse_idle_flags(method: Method, given: dict[str, Any], config: EditConfig,
     for name in given:
         item = items[name]
         if item.info.panel == MASK_PANEL and not masked:
-            flag = "--no-paste-back" if name == "paste_back" and not given[name] else item.flag
+            flag = ("--paste-back" if given[name] else "--no-paste-back") if name == "paste_back" else item.flag
             raise InputError(f"{flag} acts only on a masked edit: it needs --mask")
         needed = item.info.needs
         holder = config.options if needed in declared_by_name(method.options) else config
