@@ -37,7 +37,7 @@ from ddsedit.methods import Method, get_method
 from ddsedit.optimize import LoopSettings
 from ddsedit.optimize import distill as distill_loop
 from ddsedit.requests import EditRequest, ImageLike, PreparedRequest, load_rgb, prepare_request
-from ddsedit.settings import EditConfig, apply_settings, resolve_config
+from ddsedit.settings import EditConfig, apply_settings, declared, resolve_config
 
 __all__ = ["EditConfig", "EditRequest", "EditResult", "Editor", "edit_parameters", "save_result", "webui_parameters"]
 
@@ -127,7 +127,8 @@ class Editor:
             return self.config(method.name)
         if type(config.options) is not method.options:
             resolved = self.config(method.name)
-            return apply_settings(resolved, {k: v for k, v in config.settings().items() if k in _shared_names()})
+            shared = {item.name for item in declared(EditConfig)}
+            return apply_settings(resolved, {k: v for k, v in config.settings().items() if k in shared})
         return config
 
     # ------------------------------------------------------------------ the pipeline's parts
@@ -450,12 +451,6 @@ class Editor:
         return self.edit(image, method, query=query, ref=ref, mask=mask, config=config).image
 
 
-
-
-def _shared_names() -> set[str]:
-    from ddsedit.settings import declared
-
-    return {item.name for item in declared(EditConfig)}
 
 
 def save_result(result: EditResult, path: str | Path, overwrite: bool = False) -> Path:

@@ -162,23 +162,11 @@ def pds(inputs: GradientInputs, latents: torch.Tensor, draws: StepDraws) -> torc
 
 
 @functools.lru_cache(maxsize=8)
-def _pds_grid(scheduler_config: str, grid_steps: int) -> torch.Tensor:
-    """:func:`ddsedit.pds.pds_timesteps` of a JSON-encoded config, built once, not at every step."""
+def _pds_grid(scheduler_config: str, grid_steps: int, t_min: int, t_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid and the indices drawn from it, for a JSON-encoded scheduler config: built once, not at every step."""
     from ddsedit import pds as pds_grid
 
-    return pds_grid.pds_timesteps(json.loads(scheduler_config), grid_steps)
-
-
-def pds_grid_of(schedule: NoiseSchedule, grid_steps: int) -> torch.Tensor:
-    """The ascending grid of ``grid_steps`` steps of the model's scheduler (see :mod:`ddsedit.pds`)."""
-    return _pds_grid(json.dumps(schedule.scheduler_config, sort_keys=True, default=str), grid_steps)
-
-
-def pds_steps(schedule: NoiseSchedule, grid_steps: int, t_min: int, t_max: int) -> torch.Tensor:
-    """The grid indices PDS draws from: the authors' range (2% to 98% of the grid) within ``[t_min, t_max)``."""
-    from ddsedit import pds as pds_grid
-
-    grid = pds_grid_of(schedule, grid_steps)
+    grid = pds_grid.pds_timesteps(json.loads(scheduler_config), grid_steps)
     try:
         low, high = pds_grid.pds_index_range(grid_steps)
     except ValueError as error:
@@ -190,7 +178,13 @@ def pds_steps(schedule: NoiseSchedule, grid_steps: int, t_min: int, t_max: int) 
             f"--pds-grid {grid_steps} puts no grid step in [--t-min, --t-max) = [{t_min}, {t_max}) "
             f"(its steps drawn are {int(grid[low])} to {int(grid[high - 1])}): use a wider range"
         )
-    return inside
+    return grid, inside
+
+
+def pds_steps(schedule: NoiseSchedule, grid_steps: int, t_min: int, t_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PDS's grid (ascending, the model scheduler's own; see :mod:`ddsedit.pds`) and the indices it draws from: the
+    authors' range (2% to 98% of the grid) within ``[t_min, t_max)``."""
+    return _pds_grid(json.dumps(schedule.scheduler_config, sort_keys=True, default=str), grid_steps, t_min, t_max)
 
 
 def pds_draws(
@@ -201,8 +195,8 @@ def pds_draws(
     the noise at the previous step. The grid is the model scheduler's own (:mod:`ddsedit.pds`)."""
     from ddsedit import pds as pds_grid
 
-    grid = pds_grid_of(schedule, settings.options.pds_grid).to(device)
-    allowed = pds_steps(schedule, settings.options.pds_grid, settings.t_min, settings.t_max).to(device)
+    grid, allowed = pds_steps(schedule, settings.options.pds_grid, settings.t_min, settings.t_max)
+    grid, allowed = grid.to(device), allowed.to(device)
     indices, noises, previous_noises = [], [], []
     for generator in generators:
         indices.append(allowed[torch.randint(0, len(allowed), (1,), generator=generator, device=device)])

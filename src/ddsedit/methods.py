@@ -60,7 +60,8 @@ class Method:
 
     def default_config(self) -> EditConfig:
         """EditConfig's defaults with the method's own over them (options and shared settings alike)."""
-        shared = {key: value for key, value in self.defaults.items() if key not in self.default_options().__dict__}
+        own = {item.name for item in declared(self.options)}
+        shared = {key: value for key, value in self.defaults.items() if key not in own}
         return dataclasses.replace(EditConfig(**shared), options=self.default_options())
 
     def problem(self, config: EditConfig, num_train_timesteps: int = 1000, given: set[str] | None = None) -> str | None:

@@ -26,7 +26,6 @@ METHOD_PANEL = "Method"
 MASK_PANEL = "Mask"
 MODEL_PANEL = "Model and device"
 SPEED_PANEL = "Speed"
-OUTPUT_PANEL = INPUT_PANEL  # frames and progress go with the output
 
 
 @dataclass(frozen=True)
@@ -105,11 +104,16 @@ class Declared:
 
     def default_text(self) -> str:
         """The default as the help shows it."""
-        if isinstance(self.default, tuple):
-            return ",".join(map(str, self.default))
-        if isinstance(self.default, float):
-            return _number(self.default)
-        return str(self.default)
+        return shown_default(self.default)
+
+
+def shown_default(value: Any) -> str:
+    """A default as help texts show it: ``1,2`` for a tuple, ``0.07`` or ``1000000`` for a number, ``""`` for None."""
+    if value is None:
+        return ""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return _number(value) if isinstance(value, float) else str(value)
 
 
 def base_kind(kind: Any) -> tuple[Any, bool]:
@@ -202,7 +206,7 @@ class EditConfig:
         needs="paste_back",
     )  # fmt: skip
     save_every: int = setting(
-        0, "Keep a decoded frame every N steps (0: none; CLI default: steps / 25).", panel=OUTPUT_PANEL, minimum=0,
+        0, "Keep a decoded frame every N steps (0: none; CLI default: steps / 25).", panel=INPUT_PANEL, minimum=0,
         maximum=1_000_000, recorded=False,
     )  # fmt: skip
     options: Any = None  # the method's own settings (None: a method without any, or not resolved yet)

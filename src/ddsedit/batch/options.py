@@ -65,7 +65,7 @@ class BatchOptions:
         arguments = ["batch", str(self.manifest), "--out-dir", str(self.out_dir)]  # the processes share our cwd
         arguments += ["--device", self.device, "--dtype", self.dtype, "--batch-size", str(self.batch_size)]
         valued = {"--model": self.model, "--prediction-type": self.prediction_type, **{
-            _flag(name): value for name, value in self.overrides().items()
+            flag_of(name): value for name, value in self.overrides().items()
         }}  # fmt: skip
         valued.update({
             "--mask-strength": self.mask_strength, "--mask-noises": self.mask_noises,
@@ -103,7 +103,7 @@ class BatchOptions:
                 raise InputError(problem)
 
 
-def _flag(name: str) -> str:
+def flag_of(name: str) -> str:
     """The flag of a setting: its declaration's (shared or a method's)."""
     from ddsedit.methods import option_declaration, option_methods
     from ddsedit.settings import EditConfig, declared_by_name

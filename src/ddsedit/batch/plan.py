@@ -86,10 +86,10 @@ def resolve_defaults(
         if options.method_options[name] is not None and not any(
             name in option_names(method.default_options()) for method in used
         ):
-            from ddsedit.batch.options import _flag
+            from ddsedit.batch.options import flag_of
 
             listed = ", ".join(method.name for method in used) or "none"
-            raise InputError(f"{_flag(name)} acts on no row: the rows' methods ({listed}) do not read it")
+            raise InputError(f"{flag_of(name)} acts on no row: the rows' methods ({listed}) do not read it")
 
     def for_method(method: Any) -> dict[str, Any]:
         own = option_names(method.default_options())

@@ -92,11 +92,12 @@ def build_app() -> typer.Typer:
 app = build_app()
 
 
-def main(app: typer.Typer | None = None) -> None:
-    """Console-script entry point: usage errors (a missing or unknown option) are one line too."""
+def main(typer_app: typer.Typer | None = None) -> None:
+    """Console-script entry point (``typer_app``: another app, e.g. one built with more methods registered):
+    usage errors (a missing or unknown option) are one line too."""
     # The click that typer runs on (typer >= 0.17 vendors its own copy): found through a public name.
     click_errors = sys.modules[typer.BadParameter.__module__]
-    command = typer.main.get_command(app or globals()["app"])
+    command = typer.main.get_command(typer_app or app)
     try:
         code = command.main(prog_name="ddsedit", standalone_mode=False)
     except click_errors.NoArgsIsHelpError as shown:

@@ -36,11 +36,18 @@ from ddsedit.cli.options import (
     in_panel_order,
     parameter,
     setting_parameter,
-    shown,
 )
 from ddsedit.errors import InputError
 from ddsedit.methods import MASK_NONE, MASK_REQUIRED, Method, all_methods
-from ddsedit.settings import INPUT_PANEL, MASK_PANEL, SPEED_PANEL, EditConfig, declared, declared_by_name
+from ddsedit.settings import (
+    INPUT_PANEL,
+    MASK_PANEL,
+    SPEED_PANEL,
+    EditConfig,
+    declared,
+    declared_by_name,
+    shown_default,
+)
 
 # Settings of EditConfig whose option is declared here by hand (the CLI's default differs, or it is a mask's).
 _MASK_SETTINGS = ("paste_back", "feather")
@@ -98,9 +105,10 @@ def command_parameters(method: Method) -> list[inspect.Parameter]:
     parameters = _fixed_parameters(method)
     shared = [item for item in declared(EditConfig) if item.name not in _MASK_SETTINGS]
     own_defaults = method.default_config()  # a method may set its own (pds: t from 1)
-    parameters += [setting_parameter(item, default_text=shown(getattr(own_defaults, item.name))) for item in shared]
+    parameters += [setting_parameter(item, default_text=shown_default(getattr(own_defaults, item.name)))
+                   for item in shared]  # fmt: skip
     defaults = method.default_options()
-    parameters += [setting_parameter(item, default_text=shown(getattr(defaults, item.name)))
+    parameters += [setting_parameter(item, default_text=shown_default(getattr(defaults, item.name)))
                    for item in declared(method.options)]  # fmt: skip
     if method.mask != MASK_NONE:
         parameters += _mask_parameters(method)

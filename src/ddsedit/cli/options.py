@@ -27,6 +27,7 @@ from ddsedit.settings import (
     Declared,
     base_kind,
     parse_text,
+    shown_default,
 )
 
 PANELS = (INPUT_PANEL, EDIT_PANEL, METHOD_PANEL, MASK_PANEL, MODEL_PANEL, SPEED_PANEL)
@@ -61,20 +62,11 @@ def setting_parameter(item: Declared, default_text: str | None = None, prefix: s
     return parameter(item.name, Annotated[cli_type | None, option])
 
 
-def shown(value: Any) -> str:
-    """A default as the help shows it ("" for None: nothing shown)."""
-    if value is None:
-        return ""
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def default_per_method(name: str) -> str:
     """A shared setting's default over the registered methods: one value, or the most common and the exceptions."""
     from ddsedit.methods import all_methods
 
-    values = {method.name: shown(getattr(method.default_config(), name)) for method in all_methods()}
+    values = {method.name: shown_default(getattr(method.default_config(), name)) for method in all_methods()}
     common = max(set(values.values()), key=list(values.values()).count)
     others = [f"{method} {value}" for method, value in values.items() if value != common]
     return "; ".join([common, *others])
