@@ -84,6 +84,7 @@ class Editor:
         cpu_offload: bool = False,
         compile_unet: bool = False,
         cuda_graph: bool = False,
+        vae: str | os.PathLike | None = None,
     ) -> Editor:
         """Load ``model`` (bundled name, diffusers folder, .safetensors file or hub id).
 
@@ -94,7 +95,8 @@ class Editor:
         only while it runs (accelerate), for small GPUs; ``compile_unet`` wraps the UNet in
         ``torch.compile`` (the first steps then pay the compile time); ``cuda_graph`` records
         one optimisation step as a CUDA graph and replays it (CUDA only; not with
-        ``cpu_offload`` or ``compile_unet``; only methods declared graphable).
+        ``cpu_offload`` or ``compile_unet``; only methods declared graphable). ``vae`` (a folder, a
+        single file or a hub id) replaces the model's VAE, e.g. SDXL's fp16-fix VAE.
         """
         if cuda_graph:
             if cpu_offload or compile_unet:
@@ -103,7 +105,7 @@ class Editor:
                 raise InputError("--cuda-graph needs a CUDA device")
         components, torch_device, torch_dtype = load_model(
             model, device=device, dtype=dtype, allow_pickle=allow_pickle, prediction_type=prediction_type,
-            cpu_offload=cpu_offload,
+            cpu_offload=cpu_offload, vae=vae,
         )  # fmt: skip
         if compile_unet:
             components.unet = torch.compile(components.unet)
@@ -140,11 +142,20 @@ class Editor:
             encoded = self.family.function("encode_prompts")(self.components, missing, self.device)
             for index, prompt in enumerate(missing):
                 self._prompt_cache[prompt] = encoded.rows(index, index + 1)
-        if not self.keep_text_encoder and self.components.text_encoder is not None:
-            self.components.text_encoder = None
+        if not self.keep_text_encoder and self.components.text_encoders_loaded:
+            self.components.free_text_encoders()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         return Conditioning.cat([self._prompt_cache[p] for p in prompts]).to(self.dtype)
+
+    def image_conditioning(self, sizes: list[tuple[tuple[int, int], tuple[int, int]]]) -> dict[str, torch.Tensor]:
+        """What the family conditions on besides the prompt, one row per image of ``(source size, working size)``
+        (SDXL: the size ids); {} for families with none."""
+        if self.family.image_conditioning is None:
+            return {}
+        build = self.family.function("image_conditioning")
+        rows = [build(self.components, source, working, self.dtype) for source, working in sizes]
+        return {key: torch.cat([row[key] for row in rows]).to(self.device) for key in rows[0]}
 
     def cached_prompt_count(self) -> int:
         """How many prompts' conditionings are cached."""
@@ -155,7 +166,7 @@ class Editor:
 
         Only possible while the text encoder is kept: otherwise the prompts could not be encoded again.
         """
-        if self.components.text_encoder is not None:
+        if self.components.text_encoders_loaded:
             self._prompt_cache.clear()
 
     def _run_vae(self, function: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
@@ -289,9 +300,11 @@ class Editor:
         prompts = self.encode_prompt(
             [config.negative] + [item.ref for item in prepared] + [item.query for item in prepared]
         )
+        per_image = self.image_conditioning([(item.source.size, item.working_size) for item in prepared])
         embeddings = PromptEmbeddings(
-            unconditional=prompts.rows(0, 1).expand(count), source=prompts.rows(1, 1 + count),
-            target=prompts.rows(1 + count, 1 + 2 * count),
+            unconditional=prompts.rows(0, 1).expand(count).with_extra(per_image),
+            source=prompts.rows(1, 1 + count).with_extra(per_image),
+            target=prompts.rows(1 + count, 1 + 2 * count).with_extra(per_image),
         )  # fmt: skip
         source_latents, initial_latents = self.prepare_latents(prepared)
         latent_mask = self.prepare_mask(prepared, config.negative, (source_latents.shape[-1], source_latents.shape[-2]))
@@ -347,10 +360,13 @@ class Editor:
                               auto_mask=item.auto_mask),
             "working_size": f"{item.working_size[0]}x{item.working_size[1]}",
             "model": self.components.identity or self.components.source,
+            "model_family": self.family.name,
             "prediction_type": self.components.prediction_type,
             "dtype": str(self.dtype).removeprefix("torch."),
             "ddsedit_version": __version__,
         }
+        if self.components.vae_identity is not None:
+            parameters["vae"] = self.components.vae_identity
         if item.start_label is not None:
             parameters["start"] = item.start_label
         if item.source_sha256 is not None:
@@ -405,7 +421,8 @@ class Editor:
             raise InputError(automask.SAME_PROMPTS_MESSAGE)
         assert settings.seed is not None  # callers resolve it, so that it can be recorded
         latents = self.encode_image(imageio.image_to_tensor(source, working))
-        prompts = self.encode_prompt([ref, query, negative])
+        sizes = self.image_conditioning([(source.size, working)])
+        prompts = self.encode_prompt([ref, query, negative]).with_extra(sizes)
         generator = torch.Generator(device=self.device).manual_seed(settings.seed)
         ref_epsilon, query_epsilon = automask.noise_predictions(
             self.components.unet, latents, prompts.rows(0, 1), prompts.rows(1, 2),

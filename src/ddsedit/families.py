@@ -2,8 +2,9 @@
 with besides latents and timesteps, whether it predicts noise or velocity, how its latents are scaled and its
 default working size. Imports no torch; the functions are named ``"module:function"`` and imported when used.
 
-SD 1.x/2.x is the first family (the bundled shapes model is one of its models); SDXL, SD3 and Flux each land
-as one more declaration here, plus their encode and call functions in :mod:`ddsedit.conditioning`.
+SD 1.x/2.x is the first family (the bundled shapes model is one of its models), SDXL the second; SD3 and Flux
+each land as one more declaration here, plus their encode and call functions in :mod:`ddsedit.conditioning` and
+their folder loader in :mod:`ddsedit.loading`.
 """
 
 from __future__ import annotations
@@ -29,11 +30,23 @@ class Family:
     default_size: int  # longest side of the working image, in pixels
     encode_prompts: str  # (components, prompts, device) -> Conditioning, one row per prompt
     call_denoiser: str  # (denoiser, latents, timesteps, conditioning) -> the raw prediction
+    load_folder: str  # (folder, torch_dtype) -> the components by name, from a diffusers folder
+    text_encoders: tuple[str, ...] = ("text_encoder",)  # the components that only encode prompts (freed after)
+    # (components, source size (w, h), working size (w, h), dtype) -> extra conditioning tensors [1, ...] that
+    # depend on the image, not the prompt (SDXL's size ids); None: the family has none.
+    image_conditioning: str | None = None
     latent_scaling: str = "ddsedit.conditioning:vae_scaling"  # (vae config) -> (scale, shift)
+    # The pipeline runs its VAE in fp32 when the VAE's config says force_upcast and the model is in fp16
+    # (SDXL's VAE overflows in fp16); SD 1.x/2.x pipelines ignore that flag.
+    vae_force_upcast: bool = False
 
     def function(self, role: str) -> Callable[..., Any]:
-        """The function declared for ``role`` (``encode_prompts``, ``call_denoiser``, ``latent_scaling``)."""
-        module, _, name = getattr(self, role).partition(":")
+        """The function declared for ``role`` (``encode_prompts``, ``call_denoiser``, ``load_folder``,
+        ``image_conditioning``, ``latent_scaling``)."""
+        declared = getattr(self, role)
+        if declared is None:
+            raise AttributeError(f"the {self.label} family declares no {role}")
+        module, _, name = declared.partition(":")
         return getattr(importlib.import_module(module), name)
 
 
@@ -44,6 +57,17 @@ FAMILIES: dict[str, Family] = {
             "sd", "Stable Diffusion 1.x/2.x", ("StableDiffusionPipeline",), NOISE, 512,
             encode_prompts="ddsedit.conditioning:encode_clip_prompts",
             call_denoiser="ddsedit.conditioning:call_unet",
+            load_folder="ddsedit.loading:load_sd_folder",
+        ),
+        Family(
+            "sdxl", "Stable Diffusion XL", ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"), NOISE,
+            1024,
+            encode_prompts="ddsedit.conditioning:encode_sdxl_prompts",
+            call_denoiser="ddsedit.conditioning:call_sdxl_unet",
+            load_folder="ddsedit.loading:load_sdxl_folder",
+            text_encoders=("text_encoder", "text_encoder_2"),
+            image_conditioning="ddsedit.conditioning:sdxl_size_ids",
+            vae_force_upcast=True,
         ),
     )
 }  # fmt: skip

@@ -35,16 +35,25 @@ COMPONENT_FILES = (
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/config.json",
     "text_encoder/model.safetensors",
+    "text_encoder_2/config.json",
+    "text_encoder_2/model.safetensors",
     "tokenizer/*",
+    "tokenizer_2/*",
     "scheduler/scheduler_config.json",
     DEFAULTS_FILE,
 )
+VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "vae/config.json",
+             "vae/diffusion_pytorch_model.safetensors")  # a hub VAE (e.g. madebyollin/sdxl-vae-fp16-fix)
 DTYPES = ("auto", "fp16", "bf16", "fp32")
+SDXL_REFINER_MESSAGE = (
+    "{name} is the SDXL refiner (one text encoder, image-to-image only); ddsedit needs an SDXL base model "
+    "or a fine-tune of it"
+)
 
 
 @dataclass
 class ModelComponents:
-    """The parts of an SD pipeline that editing needs, plus where they came from."""
+    """The parts of a pipeline that editing needs, plus where they came from."""
 
     unet: Any
     vae: Any
@@ -59,6 +68,19 @@ class ModelComponents:
     scheduler_config: dict[str, Any] = field(default_factory=dict)  # the scheduler's config (PDS's grid)
     betas: Any = None  # torch.Tensor [num_train_timesteps], the one-step betas (PDS's posterior)
     family: Family = field(default_factory=lambda: FAMILIES[DEFAULT_FAMILY])
+    text_encoder_2: Any = None  # SDXL's second text encoder (with projection) and its tokenizer
+    tokenizer_2: Any = None
+    pipeline_config: dict[str, Any] = field(default_factory=dict)  # model_index.json's settings (not components)
+    vae_identity: str | None = None  # the VAE given in place of the model's own (see model_identity), if any
+
+    def free_text_encoders(self) -> None:
+        """Drop the family's text encoders (prompts encoded so far stay cached by the editor)."""
+        for name in self.family.text_encoders:
+            setattr(self, name, None)
+
+    @property
+    def text_encoders_loaded(self) -> bool:
+        return all(getattr(self, name) is not None for name in self.family.text_encoders)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -197,23 +219,23 @@ def model_identity(model: str | os.PathLike | None, kind: str, path: Path) -> st
     return str(resolved)
 
 
-def _cached_snapshot(repo_id: str) -> Path | None:
+def _cached_snapshot(repo_id: str, patterns: tuple[str, ...] = COMPONENT_FILES) -> Path | None:
     """The local folder of a hub model if the Hugging Face cache holds it, else None."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=list(COMPONENT_FILES), local_files_only=True))
+        return Path(snapshot_download(repo_id, allow_patterns=list(patterns), local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
         return None
 
 
-def _hub_snapshot(repo_id: str) -> Path:
+def _hub_snapshot(repo_id: str, patterns: tuple[str, ...] = COMPONENT_FILES) -> Path:
     """The local folder of a hub model, from the cache; downloads only when online and asked."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError
 
-    cached = _cached_snapshot(repo_id)
+    cached = _cached_snapshot(repo_id, patterns)
     if cached is not None:
         return cached
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
@@ -225,7 +247,7 @@ def _hub_snapshot(repo_id: str) -> Path:
         raise ModelError(f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: {how}")
     print(f"ddsedit: downloading {repo_id} from the Hugging Face Hub (first use only)", file=sys.stderr)
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=list(COMPONENT_FILES)))
+        return Path(snapshot_download(repo_id, allow_patterns=list(patterns)))
     except (HfHubHTTPError, OSError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ModelError(
@@ -247,43 +269,119 @@ def read_defaults(folder: Path) -> dict[str, Any]:
     return defaults
 
 
-def folder_family(folder: Path) -> Family:
-    """The family of a diffusers folder, from its model_index.json's pipeline class (none: SD 1.x/2.x).
-
-    Raises:
-        ModelError: the folder holds a pipeline of a family ddsedit does not support (yet), or an unreadable index.
-    """
+def read_model_index(folder: Path) -> dict[str, Any]:
+    """A diffusers folder's model_index.json, or {} when it has none."""
     index_path = folder / "model_index.json"
     if not index_path.is_file():
-        return FAMILIES[DEFAULT_FAMILY]
+        return {}
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot read {index_path}: {error}") from None
-    class_name = index.get("_class_name") if isinstance(index, dict) else None
-    return family_of_pipeline(class_name if isinstance(class_name, str) else None)
+    if not isinstance(index, dict):
+        raise ModelError(f"{index_path} must hold a JSON object")
+    return index
 
 
-def _load_folder(folder: Path, torch_dtype) -> dict[str, Any]:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+def pipeline_settings(index: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's own settings in a model_index.json (``force_zeros_for_empty_prompt``...), not its
+    components (``[library, class]`` pairs) or the ``_``-prefixed bookkeeping."""
+    return {
+        key: value for key, value in index.items()
+        if not key.startswith("_") and not (isinstance(value, list) and len(value) == 2)
+    }  # fmt: skip
 
-    missing = [
-        name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / name).is_dir()
-    ]
+
+def folder_family(folder: Path) -> Family:
+    """The family of a diffusers folder, from its model_index.json's pipeline class (none: SD 1.x/2.x).
+
+    Raises:
+        ModelError: the folder holds a pipeline of a family ddsedit does not support (yet), the SDXL refiner,
+            or an unreadable index.
+    """
+    index = read_model_index(folder)
+    class_name = index.get("_class_name")
+    family = family_of_pipeline(class_name if isinstance(class_name, str) else None)
+    one_text_encoder = index.get("text_encoder") in (None, [None, None])
+    if family.name == "sdxl" and (index.get("requires_aesthetics_score") or one_text_encoder):
+        raise ModelError(SDXL_REFINER_MESSAGE.format(name=folder))
+    return family
+
+
+def _load_components(folder: Path, label: str, loaders: dict[str, Any]) -> dict[str, Any]:
+    """Each ``name: loader(folder, name)`` of a diffusers folder, after checking every subfolder is there."""
+    missing = [name for name in loaders if not (folder / name).is_dir()]
     if missing:
-        raise ModelError(f"{folder} is not a complete Stable Diffusion model: missing {', '.join(missing)}/")
+        raise ModelError(f"{folder} is not a complete {label} model: missing {', '.join(missing)}/")
     try:
-        return {
-            "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch_dtype),
-            "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch_dtype),
-            "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=torch_dtype),
-            "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-            "scheduler": DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
-        }
+        return {name: load(name) for name, load in loaders.items()}
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelError(f"cannot load the model in {folder}: {reason}") from None
+
+
+def load_sd_folder(folder: Path, torch_dtype) -> dict[str, Any]:
+    """An SD 1.x/2.x diffusers folder's UNet, VAE, text encoder, tokenizer and noise schedule."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    return _load_components(folder, "Stable Diffusion", {
+        "unet": lambda name: UNet2DConditionModel.from_pretrained(folder, subfolder=name, torch_dtype=torch_dtype),
+        "vae": lambda name: AutoencoderKL.from_pretrained(folder, subfolder=name, torch_dtype=torch_dtype),
+        "text_encoder": lambda name: CLIPTextModel.from_pretrained(folder, subfolder=name, torch_dtype=torch_dtype),
+        "tokenizer": lambda name: CLIPTokenizer.from_pretrained(folder, subfolder=name),
+        # The noise schedule only: DDPMScheduler reads any of these schedulers' configs (PNDM, DDIM, Euler...).
+        "scheduler": lambda name: DDPMScheduler.from_pretrained(folder, subfolder=name),
+    })  # fmt: skip
+
+
+def load_sdxl_folder(folder: Path, torch_dtype) -> dict[str, Any]:
+    """An SDXL diffusers folder: SD's components plus the second text encoder (with projection) and tokenizer."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    parts = load_sd_folder(folder, torch_dtype)
+    parts.update(_load_components(folder, "Stable Diffusion XL", {
+        "text_encoder_2": lambda name: CLIPTextModelWithProjection.from_pretrained(
+            folder, subfolder=name, torch_dtype=torch_dtype),
+        "tokenizer_2": lambda name: CLIPTokenizer.from_pretrained(folder, subfolder=name),
+    }))  # fmt: skip
+    return parts
+
+
+def load_vae(vae: str | os.PathLike, vae_config: dict[str, Any], torch_dtype, allow_pickle: bool = False) -> Any:
+    """A VAE to use in place of the model's own: a diffusers VAE folder (``config.json`` inside, or a model
+    folder with ``vae/``), a single file (original or diffusers layout, read with the model's VAE config), or
+    a hub id (from the cache, as models are).
+
+    Raises:
+        InputError / ModelError: one line, for a missing, unreadable or ill-fitting VAE.
+    """
+    from diffusers import AutoencoderKL
+
+    name = str(vae)
+    if not name.strip():
+        raise InputError("--vae is empty")
+    path = Path(name).expanduser()
+    if path.is_file():
+        from ddsedit.checkpoints import load_single_file_vae
+
+        return load_single_file_vae(path, vae_config, torch_dtype, allow_pickle=allow_pickle)
+    if not path.is_dir():
+        if not (_looks_like_hub_id(name) and not path.suffix and not path.parent.is_dir()):
+            raise InputError(f"--vae {name}: no such file or folder, nor a hub id (org/name)")
+        path = _hub_snapshot(name, VAE_FILES)
+    subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
+    if subfolder is None and not (path / "config.json").is_file():
+        raise ModelError(f"--vae {name}: not a VAE folder (no config.json or vae/config.json inside)")
+    try:
+        loaded = AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=torch_dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"cannot load the VAE in {path}: {reason}") from None
+    expected, got = vae_config.get("latent_channels"), loaded.config.latent_channels
+    if expected is not None and expected != got:
+        raise ModelError(f"--vae {name} makes {got}-channel latents; this model's UNet takes {expected}")
+    return loaded
 
 
 def load_model(
@@ -293,37 +391,51 @@ def load_model(
     allow_pickle: bool = False,
     prediction_type: str | None = None,
     cpu_offload: bool = False,
+    vae: str | os.PathLike | None = None,
 ) -> tuple[ModelComponents, Any, Any]:
     """Load a model's components on ``device`` in ``dtype``.
 
-    Returns ``(components, torch_device, torch_dtype)``. The UNet, VAE and text encoder
+    Returns ``(components, torch_device, torch_dtype)``. The denoiser, VAE and text encoders
     are put in eval mode with gradients off: the loop never differentiates through them.
     On CUDA the UNet uses the channels-last memory format, which its convolutions run
     faster in. With ``cpu_offload`` the weights stay in CPU memory and accelerate moves
-    each module to the device only for its forward pass.
+    each module to the device only for its forward pass. ``vae`` (a folder, file or hub id)
+    replaces the model's own VAE, e.g. SDXL's fp16-fix VAE. A family whose pipeline honours
+    the VAE config's ``force_upcast`` (SDXL) gets its VAE in fp32 when the model is in fp16.
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     kind, path = locate_model(model, allow_pickle=allow_pickle)
     defaults_source = DEFAULTS_FILE
-    family = FAMILIES[DEFAULT_FAMILY]
     if kind == "folder":
         family = folder_family(path)  # before any weights load: an unsupported family is one line at once
-        parts = _load_folder(path, torch_dtype)
+        parts = family.function("load_folder")(path, torch_dtype)
+        parts["pipeline_config"] = pipeline_settings(read_model_index(path))
         defaults = read_defaults(path)
         defaults_source = str(path / DEFAULTS_FILE)
     else:
         from ddsedit.checkpoints import load_single_file
 
         parts = load_single_file(path, torch_dtype, allow_pickle=allow_pickle, prediction_type=prediction_type)
+        family = FAMILIES[parts.get("family", DEFAULT_FAMILY)]
         defaults = {}
+    vae_identity = None
+    if vae is not None:
+        parts["vae"] = load_vae(vae, dict(parts["vae"].config), torch_dtype, allow_pickle=allow_pickle)
+        vae_identity = _vae_identity(vae)
+    if family.name == "sdxl":
+        from ddsedit.conditioning import check_sdxl_unet
+
+        check_sdxl_unet(parts["unet"], parts["text_encoder_2"])
     scheduler_config = parts["scheduler"].config
     chosen_prediction_type = prediction_type or scheduler_config.get("prediction_type", DEFAULT_PREDICTION_TYPE)
     if chosen_prediction_type not in PREDICTION_TYPES:
         raise ModelError(f"unsupported prediction type {chosen_prediction_type!r} in the model's scheduler")
     import torch
 
-    for module_name in ("unet", "vae", "text_encoder"):
+    if family.vae_force_upcast and parts["vae"].config.get("force_upcast") and torch_dtype == torch.float16:
+        parts["vae"].to(torch.float32)
+    for module_name in ("unet", "vae", *family.text_encoders):
         module = parts[module_name]
         module.requires_grad_(False)
         module.eval()
@@ -349,8 +461,21 @@ def load_model(
         scheduler_config=dict(scheduler_config),
         betas=parts["scheduler"].betas.float(),
         family=family,
+        text_encoder_2=parts.get("text_encoder_2"),
+        tokenizer_2=parts.get("tokenizer_2"),
+        pipeline_config=dict(parts.get("pipeline_config") or {}),
+        vae_identity=vae_identity,
     )
     return components, torch_device, torch_dtype
+
+
+def _vae_identity(vae: str | os.PathLike) -> str:
+    """The VAE an edit ran with, as outputs record it: a hub id with its revision, else the absolute path."""
+    path = Path(vae).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    cached = _cached_snapshot(str(vae), VAE_FILES)
+    return model_identity(str(vae), "folder", cached) if cached is not None else str(vae)
 
 
 def quiet_third_party_output(verbose: bool = False) -> None:

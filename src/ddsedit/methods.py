@@ -36,7 +36,7 @@ class Method:
     draws: str | Callable[..., Any] = SHARED_DRAWS  # (generators, settings, image_shape, device, schedule) -> draws
     needs_ref: bool = True  # compares against a description of the source (the DDS family)
     mask: str = MASK_OPTIONAL  # none, optional (edits everywhere without one) or required
-    families: tuple[str, ...] = ("sd",)
+    families: tuple[str, ...] = ("sd", "sdxl")  # the noise-predicting UNet families, where every epsilon method works
     graphable: bool = False  # one UNet call without autograd: a CUDA graph can record its step
 
     def __post_init__(self) -> None:
