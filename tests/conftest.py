@@ -35,6 +35,14 @@ def tiny_v_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SDXL-layout pipeline (two text encoders, size ids), built once per session."""
+    from ddsedit.tiny import build_tiny_sdxl_pipeline
+
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
 def tiny_editor(tiny_model_dir: Path):
     from ddsedit.editor import Editor
 

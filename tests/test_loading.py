@@ -108,10 +108,10 @@ def test_defaults_file(tmp_path) -> None:
 
 
 def test_a_folder_of_an_unsupported_family_is_one_line_before_its_weights_load(tmp_path: Path) -> None:
-    folder = tmp_path / "sdxl"
-    (folder / "unet").mkdir(parents=True)
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(ModelError, match="StableDiffusionXLPipeline models are not supported yet"):
+    folder = tmp_path / "sd3"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    with pytest.raises(ModelError, match="StableDiffusion3Pipeline models are not supported yet"):
         loading.load_model(folder, device="cpu")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     assert loading.folder_family(folder).name == "sd"

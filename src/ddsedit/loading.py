@@ -302,10 +302,28 @@ def folder_family(folder: Path) -> Family:
     index = read_model_index(folder)
     class_name = index.get("_class_name")
     family = family_of_pipeline(class_name if isinstance(class_name, str) else None)
-    one_text_encoder = index.get("text_encoder") in (None, [None, None])
+    one_text_encoder = "text_encoder" in index and index["text_encoder"] in (None, [None, None])
     if family.name == "sdxl" and (index.get("requires_aesthetics_score") or one_text_encoder):
         raise ModelError(SDXL_REFINER_MESSAGE.format(name=folder))
     return family
+
+
+def model_family(kind: str, path: Path) -> Family:
+    """The family of a located model (:func:`locate_model`), read without loading weights: a folder's
+    model_index.json, a ``.safetensors`` file's header; a pickle or an unreadable file is taken as SD 1.x/2.x
+    (its load then tells the truth, or reports the problem)."""
+    if kind == "folder":
+        return folder_family(path)
+    if path.suffix.lower() != ".safetensors":
+        return FAMILIES[DEFAULT_FAMILY]
+    from ddsedit.checkpoints import detect_sd_version
+    from ddsedit.errors import DDSEditError
+
+    try:
+        version = detect_sd_version(path)
+    except DDSEditError:
+        return FAMILIES[DEFAULT_FAMILY]
+    return FAMILIES["sdxl" if version.startswith("sdxl") else DEFAULT_FAMILY]
 
 
 def _load_components(folder: Path, label: str, loaders: dict[str, Any]) -> dict[str, Any]:
@@ -422,7 +440,7 @@ def load_model(
     vae_identity = None
     if vae is not None:
         parts["vae"] = load_vae(vae, dict(parts["vae"].config), torch_dtype, allow_pickle=allow_pickle)
-        vae_identity = _vae_identity(vae)
+        vae_identity = vae_identity_of(vae)
     if family.name == "sdxl":
         from ddsedit.conditioning import check_sdxl_unet
 
@@ -469,7 +487,7 @@ def load_model(
     return components, torch_device, torch_dtype
 
 
-def _vae_identity(vae: str | os.PathLike) -> str:
+def vae_identity_of(vae: str | os.PathLike) -> str:
     """The VAE an edit ran with, as outputs record it: a hub id with its revision, else the absolute path."""
     path = Path(vae).expanduser()
     if path.exists():

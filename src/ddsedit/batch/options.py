@@ -19,6 +19,7 @@ class BatchOptions:
     manifest: Path
     out_dir: Path
     model: str | None = None
+    vae: str | None = None  # a VAE in place of the model's own
     device: str = "auto"
     dtype: str = "auto"
     steps: int | None = None
@@ -64,7 +65,7 @@ class BatchOptions:
         """The ``ddsedit batch ...`` arguments that repeat these options, minus ``--processes``."""
         arguments = ["batch", str(self.manifest), "--out-dir", str(self.out_dir)]  # the processes share our cwd
         arguments += ["--device", self.device, "--dtype", self.dtype, "--batch-size", str(self.batch_size)]
-        valued = {"--model": self.model, "--prediction-type": self.prediction_type, **{
+        valued = {"--model": self.model, "--vae": self.vae, "--prediction-type": self.prediction_type, **{
             flag_of(name): value for name, value in self.overrides().items()
         }}  # fmt: skip
         valued.update({

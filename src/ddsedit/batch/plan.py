@@ -34,6 +34,8 @@ class ExpectedModel:
 
     identity: str  # ddsedit.loading.model_identity: the same however the model was typed
     prediction_type: str | None  # None: cannot be known without loading the weights, so not compared
+    family: str = "sd"  # ddsedit.families: what outputs record as model_family
+    vae: str | None = None  # the --vae given (ddsedit.loading.vae_identity_of), None: the model's own
 
 
 def expected_prediction_type(kind: str, path: Path, prediction_type: str | None) -> str | None:
@@ -76,7 +78,14 @@ def resolve_defaults(
     Reads only the model's defaults and scheduler config (or a checkpoint's header), not its
     weights, so that finished rows can be recognised without loading the model.
     """
-    from ddsedit.loading import DEFAULTS_FILE, locate_model, model_identity, read_defaults
+    from ddsedit.loading import (
+        DEFAULTS_FILE,
+        locate_model,
+        model_family,
+        model_identity,
+        read_defaults,
+        vae_identity_of,
+    )
     from ddsedit.methods import method_names
     from ddsedit.settings import option_names, resolve_config
 
@@ -102,9 +111,12 @@ def resolve_defaults(
         if problem := method.problem(config, given={key for key, value in flags.items() if value is not None}):
             raise InputError(problem)
     kind, path = locate_model(options.model, allow_pickle=options.allow_pickle)
+    family = model_family(kind, path)
     model_defaults = read_defaults(path) if kind == "folder" else {}
     source = str(path / DEFAULTS_FILE) if kind == "folder" else DEFAULTS_FILE
-    defaults = {method.name: resolve_config(method, model_defaults, for_method(method), source) for method in used}
+    defaults = {
+        method.name: resolve_config(method, model_defaults, for_method(method), source, family) for method in used
+    }
     for method in used:
         defaults[method.name].validate()
         if problem := method.problem(defaults[method.name]):
@@ -112,6 +124,8 @@ def resolve_defaults(
     expected = ExpectedModel(
         identity=model_identity(options.model, kind, path),
         prediction_type=expected_prediction_type(kind, path, options.prediction_type),
+        family=family.name,
+        vae=vae_identity_of(options.vae) if options.vae is not None else None,
     )
     return defaults, expected
 
@@ -141,6 +155,8 @@ class Job:
             self.row.auto_mask, auto_mask=self.auto_mask,
         )  # fmt: skip
         parameters["model"] = model.identity
+        parameters["model_family"] = model.family
+        parameters["vae"] = model.vae  # None matches an output that records none
         if model.prediction_type is not None:
             parameters["prediction_type"] = model.prediction_type
         return parameters

@@ -188,6 +188,7 @@ def _work(context: _ProcessContext, jobs: list[Job], device: str, feed: RankFeed
     editor = Editor.from_pretrained(
         options.model, device=device, dtype=options.dtype, allow_pickle=options.allow_pickle,
         prediction_type=options.prediction_type, keep_text_encoder=True, cuda_graph=options.cuda_graph,
+        vae=options.vae,
     )  # fmt: skip
     last_poll = 0.0
 

@@ -16,6 +16,7 @@ from ddsedit.cli.options import (
     DtypeOption,
     ModelOption,
     PredictionTypeOption,
+    VaeOption,
     default_per_method,
     from_flags,
     parameter,
@@ -64,6 +65,7 @@ def batch_parameters() -> list[inspect.Parameter]:
         *method_option_parameters(),
         *[setting_parameter(item) for item in declared(AutoMaskSettings)],
         parameter("model", ModelOption),
+        parameter("vae", VaeOption),
         parameter("device", Annotated[str, typer.Option(
             "--device", help="auto, cpu, cuda, cuda:N or mps (several processes: each its own).",
             rich_help_panel=MODEL_PANEL)], "auto"),

@@ -31,6 +31,7 @@ from ddsedit.cli.options import (
     RefOption,
     SaveMaskOption,
     SrcOption,
+    VaeOption,
     VerboseOption,
     from_flags,
     in_panel_order,
@@ -77,6 +78,7 @@ def _fixed_parameters(method: Method) -> list[inspect.Parameter]:
         parameter("quiet", QuietOption, False),
         parameter("verbose", VerboseOption, False),
         parameter("model", ModelOption),
+        parameter("vae", VaeOption),
         parameter("device", DeviceOption, "auto"),
         parameter("dtype", DtypeOption, "auto"),
         parameter("allow_pickle", AllowPickleOption, False),
@@ -189,7 +191,7 @@ def run_edit(method: Method, **options: Any) -> None:
         editor = Editor.from_pretrained(
             options["model"], device=options["device"], dtype=options["dtype"], allow_pickle=options["allow_pickle"],
             prediction_type=options["prediction_type"], keep_text_encoder=False, cpu_offload=options["cpu_offload"],
-            compile_unet=options["compile_unet"], cuda_graph=options.get("cuda_graph", False),
+            compile_unet=options["compile_unet"], cuda_graph=options.get("cuda_graph", False), vae=options["vae"],
         )  # fmt: skip
     config = editor.config(method.name, **given)
     refuse_idle_flags(method, given, config, mask is not None, model_known=True)  # with the model's defaults
@@ -281,7 +283,8 @@ def mask_metadata(parameters: dict) -> dict[str, str]:
     import json
 
     keys = ("ref", "query", "mask", "mask_strength", "mask_noises", "mask_threshold", "mask_grow", "mask_seed",
-            "working_size", "model", "prediction_type", "source_sha256", "mask_sha256", "ddsedit_version")  # fmt: skip
+            "working_size", "model", "model_family", "vae", "prediction_type", "source_sha256", "mask_sha256",
+            "ddsedit_version")  # fmt: skip
     recorded = {key: parameters[key] for key in keys if key in parameters}
     return {**{key: str(value) for key, value in recorded.items()}, "ddsedit": json.dumps(recorded, sort_keys=True)}
 

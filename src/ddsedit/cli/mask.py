@@ -22,6 +22,7 @@ from ddsedit.cli.options import (
     QueryOption,
     RefOption,
     SrcOption,
+    VaeOption,
     parameter,
     setting_parameter,
 )
@@ -51,6 +52,7 @@ def mask_parameters() -> list[inspect.Parameter]:
             rich_help_panel=MASK_PANEL)]),
         *[setting_parameter(item) for item in declared(AutoMaskSettings)],
         parameter("model", ModelOption),
+        parameter("vae", VaeOption),
         parameter("device", DeviceOption, "auto"),
         parameter("dtype", DtypeOption, "auto"),
         parameter("allow_pickle", AllowPickleOption, False),
@@ -68,7 +70,8 @@ def mask_command(**options: Any) -> None:
 
 
 
-def _run_mask(*, src: Path, ref: str, query: str, output: Path | None, model: str | None, device: str, dtype: str,
+def _run_mask(*, src: Path, ref: str, query: str, output: Path | None, model: str | None, vae: str | None,
+              device: str, dtype: str,
               size: int | None, seed: int | None, overwrite: bool, allow_pickle: bool, prediction_type: str | None,
               quiet: bool, verbose: bool, **flags: Any) -> None:  # fmt: skip
     """Every cheap check, then load the model, draw the mask and write it atomically."""
@@ -95,13 +98,14 @@ def _run_mask(*, src: Path, ref: str, query: str, output: Path | None, model: st
     with stderr.status("loading model...", spinner="dots") if not quiet else contextlib.nullcontext():
         editor = Editor.from_pretrained(
             model, device=device, dtype=dtype, allow_pickle=allow_pickle, prediction_type=prediction_type,
-            keep_text_encoder=False,
+            keep_text_encoder=False, vae=vae,
         )  # fmt: skip
     longest_side = editor.config(size=size).size
     mask = editor.auto_mask(source, ref=ref, query=query, settings=settings, size=longest_side)
     recorded = {
         "ref": ref, "query": query, **settings.recorded(), "size": longest_side,
-        "model": editor.components.identity or editor.components.source,
+        "model": editor.components.identity or editor.components.source, "model_family": editor.family.name,
+        **({"vae": editor.components.vae_identity} if editor.components.vae_identity else {}),
         "prediction_type": editor.components.prediction_type, "source_sha256": imageio.file_sha256(src),
         "ddsedit_version": __version__,
     }  # fmt: skip

@@ -98,6 +98,13 @@ ModelOption = Annotated[
         show_default=False, rich_help_panel=MODEL_PANEL,
     ),
 ]  # fmt: skip
+VaeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--vae", help="Use this VAE instead of the model's: a folder, .safetensors file or hub id "
+        "(e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16).", show_default=False, rich_help_panel=MODEL_PANEL,
+    ),
+]  # fmt: skip
 DeviceOption = Annotated[
     str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=MODEL_PANEL)
 ]
