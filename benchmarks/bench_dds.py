@@ -1,6 +1,7 @@
 """Time ddsedit's DDS loop against two reference loops, side by side, in one process.
 
     python -m benchmarks.bench_dds --arch sd15 --size 512          # on a GPU
+    python -m benchmarks.bench_dds --arch sdxl --size 1024         # SDXL base's UNet, on a GPU
     python -m benchmarks.bench_dds --arch tiny --size 64 --device cpu
 
 The three loops share the UNet configuration, the source latents, the prompts and the
@@ -38,10 +39,13 @@ from pathlib import Path
 import torch
 
 from ddsedit import scores
+from ddsedit.conditioning import Conditioning, call_unet
+from ddsedit.families import FAMILIES, Family
 from ddsedit.optimize import LoopSettings, PromptEmbeddings, distill
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "ddsedit" / "model_configs"
-ARCHITECTURES = {"sd15": "sd15", "sd21": "sd2-v", "sd21-base": "sd2"}
+ARCHITECTURES = {"sd15": "sd15", "sd21": "sd2-v", "sd21-base": "sd2", "sdxl": "sdxl"}
+SDXL_ARCHITECTURES = ("sdxl", "tiny-sdxl")  # UNets that take SDXL's pooled text and size ids
 LOOPS = (
     "reference-2call", "reference-batch4", "ddsedit", "ddsedit-cds", "ddsedit-pds", "ddsedit-ids", "ddsedit-ids-cut",
 )  # fmt: skip
@@ -82,7 +86,7 @@ class BenchReport:
 
 
 def build_models(arch: str, size: int, device: torch.device):
-    """(unet fp32, vae fp32, text dim, alphas_cumprod, prediction_type, latent stride) for ``arch``."""
+    """(unet fp32, vae fp32, text dim, alphas_cumprod, prediction_type, latent stride, family) for ``arch``."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     if arch in ARCHITECTURES:
@@ -92,14 +96,17 @@ def build_models(arch: str, size: int, device: torch.device):
         scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(folder / "scheduler"))
     else:
         from ddsedit.loading import bundled_models
-        from ddsedit.tiny import build_tiny_pipeline
+        from ddsedit.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 
         if arch == "tiny":
             folder = build_tiny_pipeline(Path(tempfile.mkdtemp(prefix="ddsedit-bench-")) / "tiny")
+        elif arch == "tiny-sdxl":
+            folder = build_tiny_sdxl_pipeline(Path(tempfile.mkdtemp(prefix="ddsedit-bench-")) / "tiny-sdxl")
         elif arch in bundled_models():
             folder = bundled_models()[arch]
         else:
-            raise SystemExit(f"unknown --arch {arch!r}: sd15, sd21, sd21-base, tiny or a bundled model")
+            known = "sd15, sd21, sd21-base, sdxl, tiny, tiny-sdxl or a bundled model"
+            raise SystemExit(f"unknown --arch {arch!r}: {known}")
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
         scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
@@ -113,7 +120,25 @@ def build_models(arch: str, size: int, device: torch.device):
         scheduler.alphas_cumprod.float(),
         (scheduler.config.get("prediction_type", "epsilon")),
         stride,
+        FAMILIES["sdxl" if arch in SDXL_ARCHITECTURES else "sd"],
     )
+
+
+def random_embeddings(unet, family: Family, count: int, size: int, generator: torch.Generator) -> PromptEmbeddings:
+    """Random prompt conditionings (unconditional, source, target) of the family's shapes, one row per image.
+
+    SDXL's also carry a pooled embedding (the UNet's added-conditioning width less the six size ids') and the
+    size ids of a ``size`` x ``size`` source edited at that size, as ddsedit builds them."""
+    text = torch.randn((3, 77, unet.config.cross_attention_dim), generator=generator) * 0.5
+    extra: dict[str, torch.Tensor] = {}
+    if family.image_conditioning is not None:
+        pooled_width = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        extra["text_embeds"] = torch.randn((3, pooled_width), generator=generator)
+    rows = [Conditioning(text[i : i + 1], {key: value[i : i + 1] for key, value in extra.items()}) for i in range(3)]
+    if family.image_conditioning is not None:
+        sizes = {"time_ids": torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)}
+        rows = [row.with_extra(sizes) for row in rows]
+    return PromptEmbeddings(*(row.expand(count) for row in rows))
 
 
 def synchronize(device: torch.device) -> None:
@@ -153,11 +178,14 @@ def draw_sequence(steps: int, count: int, shape: tuple[int, ...], seed: int, set
     return sequence
 
 
-def reference_loop(unet, source, embeddings, alphas, prediction_type, settings, sequence, batch4, autocast_dtype):
-    """A reference DDS loop: autograd SGD; two calls of batch 2 or one call of batch 4 under autocast."""
+def reference_loop(unet, source, embeddings, alphas, prediction_type, settings, sequence, batch4, autocast_dtype,
+                   call=call_unet):  # fmt: skip
+    """A reference DDS loop: autograd SGD; two calls of batch 2 or one call of batch 4 under autocast.
+
+    ``call`` is the family's UNet call (SDXL's passes the pooled text and size ids as added conditioning)."""
     latents = source.clone().requires_grad_(True)
     optimizer = torch.optim.SGD([latents], lr=settings.lr)
-    uncond, src, tgt = (part.hidden_states for part in (embeddings.unconditional, embeddings.source, embeddings.target))
+    uncond, src, tgt = embeddings.unconditional, embeddings.source, embeddings.target
     step_times, first_gradient = [], None
     device = source.device
     for timesteps, noise in sequence:
@@ -169,7 +197,7 @@ def reference_loop(unet, source, embeddings, alphas, prediction_type, settings, 
             if batch4:
                 with torch.autocast(device.type, dtype=autocast_dtype):
                     batch = torch.cat([noisy_source, noisy_source, noisy_target, noisy_target])
-                    out = unet(batch, timesteps.repeat(4), torch.cat([uncond, src, uncond, tgt])).sample.float()
+                    out = call(unet, batch, timesteps.repeat(4), Conditioning.cat([uncond, src, uncond, tgt])).float()
                 eps = scores.epsilon_from_prediction(out, batch, alpha_bar.repeat(4), prediction_type).chunk(4)
                 eps_source = scores.classifier_free_guidance(eps[0], eps[1], settings.guidance)
                 eps_target = scores.classifier_free_guidance(eps[2], eps[3], settings.guidance)
@@ -177,7 +205,7 @@ def reference_loop(unet, source, embeddings, alphas, prediction_type, settings, 
                 guided = []
                 for noisy, cond in ((noisy_source, src), (noisy_target, tgt)):
                     pair = torch.cat([noisy, noisy])
-                    out = unet(pair, timesteps.repeat(2), torch.cat([uncond, cond])).sample
+                    out = call(unet, pair, timesteps.repeat(2), Conditioning.cat([uncond, cond]))
                     eps = scores.epsilon_from_prediction(out, pair, alpha_bar.repeat(2), prediction_type).chunk(2)
                     guided.append(scores.classifier_free_guidance(eps[0], eps[1], settings.guidance))
                 eps_source, eps_target = guided
@@ -193,7 +221,8 @@ def reference_loop(unet, source, embeddings, alphas, prediction_type, settings, 
     return latents.detach(), step_times, first_gradient
 
 
-def engine_loop(unet, source, embeddings, alphas, prediction_type, settings, steps, seed, cuda_graph=False):
+def engine_loop(unet, source, embeddings, alphas, prediction_type, settings, steps, seed, cuda_graph=False,
+                call=call_unet):  # fmt: skip
     """ddsedit's own loop, timed per step through its callback (a CUDA graph is recorded before step 1)."""
     device = source.device
     generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(source.shape[0])]
@@ -213,13 +242,13 @@ def engine_loop(unet, source, embeddings, alphas, prediction_type, settings, ste
     # The first step on its own, to read the gradient the engine applies.
     first = distill(unet, source, embeddings, alphas, prediction_type, one_step,
                     [torch.Generator(device=device).manual_seed(seed + i) for i in range(source.shape[0])],
-                    cuda_graph=cuda_graph)  # fmt: skip
+                    cuda_graph=cuda_graph, call=call)  # fmt: skip
     first_gradient = (source - first) / (settings.lr * scores.GRADIENT_SCALE)
     synchronize(device)
     last[0] = time.perf_counter()
     latents = distill(
         unet, source, embeddings, alphas, prediction_type,
-        dataclasses.replace(settings, steps=steps), generators, on_step=on_step, cuda_graph=cuda_graph,
+        dataclasses.replace(settings, steps=steps), generators, on_step=on_step, cuda_graph=cuda_graph, call=call,
     )  # fmt: skip
     return latents, step_times, first_gradient
 
@@ -246,7 +275,8 @@ def run(args: argparse.Namespace) -> BenchReport:
     torch.manual_seed(0)
     # The fp32 UNet waits on the CPU while it is not the loop being timed, so that each loop's peak
     # memory counts only what that loop holds on the device.
-    unet, vae, text_dim, alphas, prediction_type, stride = build_models(args.arch, args.size, torch.device("cpu"))
+    unet, vae, _, alphas, prediction_type, stride, family = build_models(args.arch, args.size, torch.device("cpu"))
+    call = family.function("call_denoiser")
     vae.to(device)
     alphas = alphas.to(device)
     latent_side = args.size // stride
@@ -255,8 +285,7 @@ def run(args: argparse.Namespace) -> BenchReport:
     generator = torch.Generator(device="cpu").manual_seed(1)
     source = torch.randn((count, *shape), generator=generator).to(device)
     pixels = torch.rand((1, 3, args.size, args.size), generator=generator).to(device) * 2 - 1
-    text = torch.randn((3, 77, text_dim), generator=generator).to(device) * 0.5
-    embeddings32 = PromptEmbeddings(*(text[i : i + 1].expand(count, -1, -1) for i in range(3)))
+    embeddings32 = embeddings_as(random_embeddings(unet, family, count, args.size, generator), torch.float32, device)
     settings = LoopSettings("dds", args.steps, 7.5, args.lr, 50, 950)
     sequence = draw_sequence(args.warmup + args.steps, count, shape, args.seed, settings, device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -277,16 +306,16 @@ def run(args: argparse.Namespace) -> BenchReport:
                 start = time.perf_counter()
                 engine_unet = torch.compile(engine_unet, mode=args.compile_mode)
                 engine_loop(engine_unet, source, embeddings_as(embeddings32, dtype), alphas, prediction_type,
-                            settings, 2, args.seed)  # fmt: skip
+                            settings, 2, args.seed, call=call)  # fmt: skip
                 report.compile_seconds = time.perf_counter() - start
             embeddings = embeddings_as(embeddings32, dtype)
             cuda_graph = args.cuda_graph and method == "dds"  # the methods with autograd are not recorded
             engine_loop(engine_unet, source, embeddings, alphas, prediction_type, loop_settings, args.warmup,
-                        args.seed, cuda_graph=cuda_graph)  # fmt: skip
+                        args.seed, cuda_graph=cuda_graph, call=call)  # fmt: skip
             reset_peak_memory(device)
             latents, step_times, first_gradient = engine_loop(
                 engine_unet, source, embeddings, alphas, prediction_type, loop_settings,
-                args.warmup + args.steps, args.seed, cuda_graph=cuda_graph,
+                args.warmup + args.steps, args.seed, cuda_graph=cuda_graph, call=call,
             )  # fmt: skip
             step_times = step_times[args.warmup :]
             vae_seconds = time_vae(vae, pixels, dtype, device)
@@ -295,7 +324,7 @@ def run(args: argparse.Namespace) -> BenchReport:
             batch4 = name == "reference-batch4"
             unet.to(device)
             latents, step_times, first_gradient = reference_loop(
-                unet, source, embeddings32, alphas, prediction_type, settings, sequence, batch4, half
+                unet, source, embeddings32, alphas, prediction_type, settings, sequence, batch4, half, call=call
             )
             unet.to("cpu")
             step_times = step_times[args.warmup :]
@@ -385,10 +414,16 @@ def engine_options(args: argparse.Namespace) -> str:
     return "cuda-graph" if args.cuda_graph else "eager"
 
 
-def embeddings_as(embeddings: PromptEmbeddings, dtype: torch.dtype) -> PromptEmbeddings:
-    return PromptEmbeddings(
-        *(part.hidden_states.to(dtype) for part in (embeddings.unconditional, embeddings.source, embeddings.target))
-    )
+def embeddings_as(embeddings: PromptEmbeddings, dtype: torch.dtype, device: torch.device | None = None
+                  ) -> PromptEmbeddings:  # fmt: skip
+    """The conditionings (extra tensors too) in ``dtype``, moved to ``device`` if given."""
+    parts = (embeddings.unconditional, embeddings.source, embeddings.target)
+    if device is not None:
+        parts = tuple(
+            Conditioning(part.hidden_states.to(device), {k: v.to(device) for k, v in part.extra.items()})
+            for part in parts
+        )
+    return PromptEmbeddings(*(part.to(dtype) for part in parts))
 
 
 def format_table(report: BenchReport) -> str:
@@ -415,7 +450,8 @@ def format_table(report: BenchReport) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="tiny", help="sd15, sd21, sd21-base, tiny or a bundled model name")
+    parser.add_argument("--arch", default="tiny",
+                        help="sd15, sd21, sd21-base, sdxl, tiny, tiny-sdxl or a bundled model name")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="the engine's dtype (references: fp32 / autocast)")

@@ -87,3 +87,16 @@ def test_each_method_loop_runs_with_its_own_defaults() -> None:
     method, ids_cut = bench_dds.engine_settings("ddsedit-ids-cut", base)
     assert (method, ids_cut.options.cut_weight, ids_cut.options.identity_steps) == ("ids", 3.0, 3)
     assert bench_dds.engine_settings("ddsedit-cds", base)[1].options.cut_weight == 3.0
+
+
+def test_the_sdxl_unet_is_benchmarked_with_its_added_conditioning(tmp_path, capsys) -> None:
+    """--arch tiny-sdxl: every loop calls the UNet with pooled text and size ids; the engine matches the reference."""
+    report_path = tmp_path / "bench.json"
+    bench_dds.main(
+        ["--arch", "tiny-sdxl", "--size", "16", "--device", "cpu", "--dtype", "fp32", "--steps", "2", "--warmup", "1",
+         "--loops", "reference-2call", "ddsedit", "--json", str(report_path)]
+    )  # fmt: skip
+    assert "tiny-sdxl 16x16" in capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    engine = next(loop for loop in report["loops"] if loop["name"] == "ddsedit")
+    assert engine["first_gradient_cosine"] > 0.9999 and engine["final_latent_relative_error"] < 1e-3
