@@ -1,14 +1,16 @@
 """Offline tests of single-file checkpoint loading (ddsedit.checkpoints).
 
-A real SD checkpoint is gigabytes, so the round-trip tests build a tiny SD-shaped model in
-diffusers' layout, write it out in the ORIGINAL single-file layout (``model.diffusion_model.*``,
-``first_stage_model.*``, ``cond_stage_model.*``) with the inverse of diffusers' key mapping, load
-it back with ``load_single_file`` and compare outputs. The bundled full-size configs are checked
-by instantiating them on the meta device and counting parameters.
+A real SD checkpoint is gigabytes, so the round-trip tests build a tiny SD-shaped (or SDXL-shaped)
+model in diffusers' layout, write it out in the ORIGINAL single-file layout (``model.diffusion_model.*``,
+``first_stage_model.*``, ``cond_stage_model.*`` or SDXL's ``conditioner.embedders.*``) with the
+inverse of diffusers' key mapping, load it back with ``load_single_file`` and compare outputs or
+weights. The bundled full-size configs are checked by instantiating them on the meta device and
+counting parameters.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -20,9 +22,9 @@ pytest.importorskip("diffusers")
 
 import torch  # noqa: E402
 from accelerate import init_empty_weights  # noqa: E402
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: E402
+from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
 from ddsedit import checkpoints  # noqa: E402
 from ddsedit.checkpoints import (  # noqa: E402
@@ -30,8 +32,11 @@ from ddsedit.checkpoints import (  # noqa: E402
     detect_sd_version,
     load_clip_tokenizer,
     load_single_file,
+    load_single_file_vae,
+    read_pipeline_config,
 )
 from ddsedit.errors import InputError, ModelError  # noqa: E402
+from ddsedit.tiny import build_tiny_sdxl_pipeline  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -45,6 +50,17 @@ CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat", refer
 
 def _count(model: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
+
+
+def _assert_clip_tokenizer(tokenizer_dir: Path, pad_id: int) -> None:
+    """A bundled tokenizer encodes as the reference CLIP tokenizer does and pads with ``pad_id``."""
+    tokenizer = load_clip_tokenizer(tokenizer_dir)
+    assert len(tokenizer) == 49408
+    assert tokenizer("a photo of a cat").input_ids == CAT_IDS
+    assert tokenizer.pad_token_id == pad_id
+    assert tokenizer.model_max_length == 77
+    padded = tokenizer("a cat", padding="max_length", max_length=77, truncation=True).input_ids
+    assert len(padded) == 77 and padded[:4] == [49406, 320, 2368, 49407] and padded[-1] == pad_id
 
 
 @pytest.mark.parametrize(
@@ -71,14 +87,43 @@ def test_bundled_configs(version, prediction_type, unet_params, text_params, sam
         assert _count(UNet2DConditionModel.from_config(unet_config)) == unet_params
         assert _count(AutoencoderKL.from_config(vae_config)) == 83_653_863
         assert _count(CLIPTextModel(text_config)) == text_params
+    _assert_clip_tokenizer(folder / "tokenizer", pad_id)
 
-    tokenizer = load_clip_tokenizer(folder / "tokenizer")
-    assert len(tokenizer) == 49408
-    assert tokenizer("a photo of a cat").input_ids == CAT_IDS
-    assert tokenizer.pad_token_id == pad_id
-    assert tokenizer.model_max_length == 77
-    padded = tokenizer("a cat", padding="max_length", max_length=77, truncation=True).input_ids
-    assert len(padded) == 77 and padded[:4] == [49406, 320, 2368, 49407] and padded[-1] == pad_id
+
+@pytest.mark.parametrize(("version", "prediction_type"), [("sdxl", "epsilon"), ("sdxl-v", "v_prediction")])
+def test_bundled_sdxl_configs(version, prediction_type):
+    folder = MODEL_CONFIGS_DIR / version
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+    assert read_pipeline_config(folder) == {"force_zeros_for_empty_prompt": True}
+    unet_config = UNet2DConditionModel.load_config(folder, subfolder="unet", local_files_only=True)
+    vae_config = AutoencoderKL.load_config(folder, subfolder="vae", local_files_only=True)
+    text_config = CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
+    text_config_2 = CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder_2", local_files_only=True)
+    # the scheduler that ddsedit builds, and the Euler one the config names: one noise schedule
+    for scheduler_class in (DDPMScheduler, EulerDiscreteScheduler):
+        scheduler = scheduler_class.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+        assert scheduler.config.prediction_type == prediction_type
+        assert (scheduler.config.beta_start, scheduler.config.beta_end) == (0.00085, 0.012)
+        assert scheduler.config.beta_schedule == "scaled_linear"
+        assert scheduler.config.num_train_timesteps == 1000
+    assert scheduler.config.timestep_spacing == "leading" and scheduler.config.steps_offset == 1
+    assert unet_config["sample_size"] == 128 and unet_config["cross_attention_dim"] == 2048
+    assert (vae_config["scaling_factor"], vae_config["force_upcast"]) == (0.13025, True)
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(unet_config)
+        assert _count(unet) == 2_567_463_684
+        # the added conditioning: the pooled bigG output (1280) and six size ids x 256
+        assert unet.add_embedding.linear_1.in_features == 2816
+        assert _count(AutoencoderKL.from_config(vae_config)) == 83_653_863
+        assert _count(CLIPTextModel(text_config)) == 123_060_480
+        text_encoder_2 = CLIPTextModelWithProjection(text_config_2)
+        assert _count(text_encoder_2) == 694_659_840
+        assert tuple(text_encoder_2.text_projection.weight.shape) == (1280, 1280)
+    assert text_config.hidden_size + text_config_2.hidden_size == unet_config["cross_attention_dim"]
+    _assert_clip_tokenizer(folder / "tokenizer", 49407)
+    _assert_clip_tokenizer(folder / "tokenizer_2", 0)
 
 
 def test_bpe_files_are_the_clip_vocabulary():
@@ -159,15 +204,83 @@ def test_detect_without_text_encoder_uses_the_unet_width(tmp_path):
 def test_detect_refuses_other_models(tmp_path):
     with pytest.raises(ModelError, match="input channels"):
         detect_sd_version(_write(tmp_path / "inpainting.safetensors", _stub("sd15", in_channels=9)))
-    sdxl = {**_stub("sd15"), "conditioner.embedders.1.model.positional_embedding": torch.zeros(1)}
-    with pytest.raises(ModelError, match="SDXL"):
-        detect_sd_version(_write(tmp_path / "sdxl.safetensors", sdxl))
+    half_sdxl = {**_stub("sd15"), "conditioner.embedders.1.model.positional_embedding": torch.zeros(1)}
+    with pytest.raises(ModelError, match=r"SDXL checkpoint without one of its two text encoders"):
+        detect_sd_version(_write(tmp_path / "sdxl.safetensors", half_sdxl))
     with pytest.raises(ModelError, match="not a Stable Diffusion"):
         detect_sd_version(_write(tmp_path / "lora.safetensors", {"lora_unet_down.weight": torch.zeros(2)}))
     mixed = {**_stub("sd2"), "cond_stage_model.model.token_embedding.weight": torch.zeros(1)}
     mixed[UNET_ATTN2] = torch.zeros(2, 768)
     with pytest.raises(ModelError, match="mixes"):
         detect_sd_version(_write(tmp_path / "mixed.safetensors", mixed))
+
+
+def _sdxl_stub(in_channels: int = 4, context_width: int = 2048) -> dict[str, torch.Tensor]:
+    """The tensors that tell an SDXL base file: both text encoders, and a UNet reading their features."""
+    unet = "model.diffusion_model."
+    return {
+        unet + "input_blocks.0.0.weight": torch.zeros(2, in_channels, 1, 1),
+        unet + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(2, context_width),
+        unet + "label_emb.0.0.weight": torch.zeros(2, 2816),
+        "first_stage_model.encoder.conv_in.weight": torch.zeros(1),
+        "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(1, 768),
+        "conditioner.embedders.1.model.token_embedding.weight": torch.zeros(1, 1280),
+        "conditioner.embedders.1.model.text_projection": torch.zeros(1280, 1280),
+    }
+
+
+def test_detect_sdxl(tmp_path):
+    plain = _write(tmp_path / "sd_xl_base_1.0.safetensors", _sdxl_stub())
+    assert detect_sd_version(plain) == "sdxl"
+    assert detect_sd_version(plain, prediction_type="v") == "sdxl-v"
+    # SD 2.x's file-name rules do not apply: SDXL base is epsilon unless the file says otherwise
+    assert detect_sd_version(_write(tmp_path / "sdxl_768-v.safetensors", _sdxl_stub())) == "sdxl"
+    architecture = {"modelspec.architecture": "stable-diffusion-xl-v1-base"}
+    assert detect_sd_version(_write(tmp_path / "a.safetensors", _sdxl_stub(), architecture)) == "sdxl"
+    assert "sdxl" in checkpoints.SD_VERSIONS and "sdxl-v" in checkpoints.SD_VERSIONS
+    # without text encoders, the UNet's 2048-wide cross-attention says SDXL
+    unet_only = {key: value for key, value in _sdxl_stub().items() if not key.startswith("conditioner.")}
+    assert detect_sd_version(_write(tmp_path / "unet-only.safetensors", unet_only)) == "sdxl"
+
+
+@pytest.mark.parametrize(
+    ("metadata", "extra"),
+    [
+        ({"modelspec.prediction_type": "v"}, {}),
+        ({"modelspec.architecture": "stable-diffusion-xl-v1-base", "modelspec.prediction_type": "v_prediction"}, {}),
+        ({"ss_v_parameterization": "True"}, {}),
+        (None, {"v_pred": torch.zeros(0)}),
+    ],
+)
+def test_detect_sdxl_v_prediction_from_the_file(tmp_path, metadata, extra):
+    path = _write(tmp_path / "fine-tune.safetensors", {**_sdxl_stub(), **extra}, metadata)
+    assert detect_sd_version(path) == "sdxl-v"
+    assert detect_sd_version(path, prediction_type="epsilon") == "sdxl"  # the caller's word wins
+
+
+def test_detect_refuses_other_sdxl_models(tmp_path):
+    refiner = {
+        "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 4, 1, 1),
+        "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(2, 1280),
+        "conditioner.embedders.0.model.token_embedding.weight": torch.zeros(1, 1280),
+        "conditioner.embedders.0.model.text_projection": torch.zeros(1280, 1280),
+    }
+    with pytest.raises(ModelError) as caught:
+        detect_sd_version(_write(tmp_path / "sd_xl_refiner_1.0.safetensors", refiner))
+    assert str(caught.value) == (
+        "sd_xl_refiner_1.0.safetensors is the SDXL refiner (one text encoder, image-to-image only); "
+        "ddsedit needs an SDXL base model or a fine-tune of it"
+    )
+    with pytest.raises(ModelError, match="9 input channels.*inpainting"):
+        detect_sd_version(_write(tmp_path / "sd_xl_inpaint.safetensors", _sdxl_stub(in_channels=9)))
+    playground = {**_sdxl_stub(), "edm_mean": torch.zeros(1, 4, 1, 1), "edm_std": torch.ones(1, 4, 1, 1)}
+    with pytest.raises(ModelError, match="Playground v2.5"):
+        detect_sd_version(_write(tmp_path / "playground-v2.5.safetensors", playground))
+    with pytest.raises(ModelError, match="1024-wide ones; the file mixes two models"):
+        detect_sd_version(_write(tmp_path / "mixed.safetensors", _sdxl_stub(context_width=1024)))
+    no_open_clip = {key: value for key, value in _sdxl_stub().items() if ".embedders.1." not in key}
+    with pytest.raises(ModelError, match=r"without one of its two text encoders \(no conditioner.embedders.1"):
+        detect_sd_version(_write(tmp_path / "half.safetensors", no_open_clip))
 
 
 def test_bad_files(tmp_path):
@@ -239,6 +352,8 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tenso
     simple = {
         "time_embedding.linear_1": "time_embed.0",
         "time_embedding.linear_2": "time_embed.2",
+        "add_embedding.linear_1": "label_emb.0.0",  # SDXL's added (pooled text + size ids) conditioning
+        "add_embedding.linear_2": "label_emb.0.2",
         "conv_in": "input_blocks.0.0",
         "conv_norm_out": "out.0",
         "conv_out": "out.2",
@@ -307,22 +422,33 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor
     return converted
 
 
-def clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers CLIPTextModel keys -> SD 1.x's ``cond_stage_model.transformer.text_model.*``."""
-    prefix = "cond_stage_model.transformer.text_model."
+def clip_to_ldm(
+    state: dict[str, torch.Tensor], prefix: str = "cond_stage_model.transformer."
+) -> dict[str, torch.Tensor]:
+    """transformers CLIPTextModel keys -> ``<prefix>text_model.*``.
+
+    SD 1.x's prefix is ``cond_stage_model.transformer.``, SDXL's (CLIP ViT-L) ``conditioner.embedders.0.transformer.``.
+    """
+    prefix += "text_model."
+    state = {key.removeprefix("text_model."): value for key, value in state.items()}
     converted = {prefix + key: value for key, value in state.items()}
     positions = state["embeddings.position_embedding.weight"].shape[0]
     converted[prefix + "embeddings.position_ids"] = torch.arange(positions)[None]
     return converted
 
 
-def open_clip_to_ldm(state: dict[str, torch.Tensor], extra_layer: bool = True) -> dict[str, torch.Tensor]:
-    """transformers CLIPTextModel keys -> SD 2.x's OpenCLIP ``cond_stage_model.model.*``.
+def open_clip_to_ldm(
+    state: dict[str, torch.Tensor], extra_layer: bool = True, prefix: str = "cond_stage_model.model."
+) -> dict[str, torch.Tensor]:
+    """transformers CLIPTextModel(WithProjection) keys -> OpenCLIP's layout under ``prefix``.
 
+    SD 2.x's prefix is ``cond_stage_model.model.``, SDXL's (OpenCLIP ViT-bigG) ``conditioner.embedders.1.model.``.
     SD 2.x files hold one more transformer layer than the model uses (it reads the penultimate
-    layer), plus a text projection; ``extra_layer`` adds such unused tensors.
+    layer), plus a text projection; ``extra_layer`` adds such unused tensors. A model with a
+    projection (SDXL's second encoder) gets it as OpenCLIP stores it, ``[width, projection]``: the
+    transpose of transformers' linear weight.
     """
-    prefix = "cond_stage_model.model."
+    state = {key.removeprefix("text_model."): value for key, value in state.items()}
     converted = {
         prefix + "token_embedding.weight": state["embeddings.token_embedding.weight"],
         prefix + "positional_embedding": state["embeddings.position_embedding.weight"],
@@ -341,6 +467,9 @@ def open_clip_to_ldm(state: dict[str, torch.Tensor], extra_layer: bool = True) -
             converted[f"{target}attn.in_proj_{kind}"] = torch.cat(
                 [state[f"{source}self_attn.{name}_proj.{kind}"] for name in ("q", "k", "v")]
             )
+    if "text_projection.weight" in state:
+        converted[prefix + "text_projection"] = state["text_projection.weight"].T
+        converted[prefix + "logit_scale"] = torch.tensor(4.6)
     if extra_layer:
         unused = f"{prefix}transformer.resblocks.{len(layers)}."
         for key in [key for key in converted if key.startswith(f"{prefix}transformer.resblocks.0.")]:
@@ -453,7 +582,7 @@ def _assert_same_outputs(parts, originals, tokenizer_ids) -> None:
 
 def test_single_file_round_trip(tiny):
     parts = load_single_file(tiny["path"], torch.float32, config_dir=tiny["config_dir"])
-    assert set(parts) == {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}
+    assert set(parts) == {"unet", "vae", "text_encoder", "tokenizer", "scheduler", "family", "pipeline_config"}
     assert isinstance(parts["unet"], UNet2DConditionModel)
     assert isinstance(parts["vae"], AutoencoderKL)
     assert isinstance(parts["text_encoder"], CLIPTextModel)
@@ -507,3 +636,219 @@ def test_incomplete_or_mismatched_checkpoints_fail_in_one_line(tiny, tmp_path):
     path = _write(tmp_path / "no-text.safetensors", tensors)
     with pytest.raises(ModelError, match="text encoder"):
         load_single_file(path, torch.float32, config_dir=tiny["config_dir"])
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny SDXL-shaped model (ddsedit.tiny's), written in SDXL's original single-file layout
+
+SDXL_TEXT_PREFIXES = {"text_encoder": "conditioner.embedders.0.", "text_encoder_2": "conditioner.embedders.1."}
+
+
+def _sdxl_ldm_tensors(models: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    unet, vae = models["unet"], models["vae"]
+    return {
+        **unet_to_ldm(unet.state_dict(), unet.config),
+        **vae_to_ldm(vae.state_dict(), vae.config),
+        **clip_to_ldm(models["text_encoder"].state_dict(), prefix="conditioner.embedders.0.transformer."),
+        **open_clip_to_ldm(
+            models["text_encoder_2"].state_dict(), extra_layer=False, prefix="conditioner.embedders.1.model."
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-sdxl")
+    folder = build_tiny_sdxl_pipeline(root / "pipeline")
+    models = {
+        "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+        "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae"),
+        "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2"),
+    }
+    # Give the norms non-default values so that a weight left unloaded, or loaded from its twin, would show.
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for model in models.values():
+            for name, parameter in model.named_parameters():
+                if "norm" in name:
+                    parameter.add_(0.1 * torch.randn_like(parameter))
+    tensors = _sdxl_ldm_tensors(models)
+    path = root / "tiny-sdxl.safetensors"
+    save_file({key: value.contiguous() for key, value in tensors.items()}, str(path))
+    return {"folder": folder, "path": path, "tensors": tensors, "models": {k: m.eval() for k, m in models.items()}}
+
+
+def _assert_same_weights(loaded: torch.nn.Module, original: torch.nn.Module) -> None:
+    expected = original.state_dict()
+    state = loaded.state_dict()
+    assert state.keys() == expected.keys()
+    for key, value in state.items():
+        assert torch.equal(value, expected[key]), key
+
+
+def _bare_ldm_vae(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
+    """A VAE's weights as a standalone original-layout VAE file holds them (no ``first_stage_model.``)."""
+    prefixed = vae_to_ldm(vae.state_dict(), vae.config)
+    return {key.removeprefix("first_stage_model."): value for key, value in prefixed.items()}
+
+
+def test_sdxl_single_file_round_trip(tiny_sdxl):
+    assert detect_sd_version(tiny_sdxl["path"]) == "sdxl"
+    parts = load_single_file(tiny_sdxl["path"], torch.float32, config_dir=tiny_sdxl["folder"])
+    assert set(parts) == {
+        "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler", "family",
+        "pipeline_config",
+    }  # fmt: skip
+    assert parts["family"] == "sdxl"
+    assert parts["pipeline_config"] == {"force_zeros_for_empty_prompt": True}
+    assert type(parts["text_encoder"]) is CLIPTextModel
+    assert type(parts["text_encoder_2"]) is CLIPTextModelWithProjection
+    for name, original in tiny_sdxl["models"].items():
+        _assert_same_weights(parts[name], original)
+    assert parts["vae"].config.force_upcast and parts["vae"].config.scaling_factor == 0.13025
+
+    folder = tiny_sdxl["folder"]
+    for name in ("tokenizer", "tokenizer_2"):
+        reference = CLIPTokenizer.from_pretrained(folder / name)
+        assert parts[name]("a photo of a cat").input_ids == reference("a photo of a cat").input_ids
+        assert parts[name].pad_token_id == reference.pad_token_id
+
+    scheduler = parts["scheduler"]
+    assert isinstance(scheduler, DDPMScheduler) and scheduler.config.prediction_type == "epsilon"
+    euler = EulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+    assert torch.equal(scheduler.alphas_cumprod, euler.alphas_cumprod)
+
+    with torch.no_grad():  # the pooled, projected output that SDXL's added conditioning reads
+        ids = torch.tensor([parts["tokenizer_2"]("a photo of a cat").input_ids])
+        torch.testing.assert_close(
+            parts["text_encoder_2"](ids).text_embeds, tiny_sdxl["models"]["text_encoder_2"](ids).text_embeds
+        )
+
+
+def test_sdxl_in_half_precision_with_v_prediction(tiny_sdxl, tmp_path):
+    parts = load_single_file(
+        tiny_sdxl["path"], torch.bfloat16, config_dir=tiny_sdxl["folder"], prediction_type="v_prediction"
+    )
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert {parameter.dtype for parameter in parts[name].parameters()} == {torch.bfloat16}
+    assert parts["scheduler"].config.prediction_type == "v_prediction"
+    # a file that declares v-prediction gets it from the bundled sdxl-v configs' scheduler
+    marked = _write(tmp_path / "vpred.safetensors", {"v_pred": torch.zeros(0), **_sdxl_stub()})
+    assert detect_sd_version(marked) == "sdxl-v"
+
+
+def test_sd_files_report_their_family(tiny):
+    parts = load_single_file(tiny["path"], torch.float32, config_dir=tiny["config_dir"])
+    assert parts["family"] == "sd" and parts["pipeline_config"] == {}
+    assert "text_encoder_2" not in parts and "tokenizer_2" not in parts
+
+
+def test_incomplete_sdxl_files_fail_in_one_line(tiny_sdxl, tmp_path):
+    folder = tiny_sdxl["folder"]
+
+    def load(tensors: dict[str, torch.Tensor], config_dir: Path = folder) -> str:
+        path = _write(tmp_path / "broken.safetensors", {key: value.contiguous() for key, value in tensors.items()})
+        with pytest.raises(ModelError) as caught:
+            load_single_file(path, torch.float32, config_dir=config_dir)
+        assert "\n" not in str(caught.value)
+        return str(caught.value)
+
+    tensors = dict(tiny_sdxl["tensors"])
+    del tensors["conditioner.embedders.1.model.transformer.resblocks.2.mlp.c_fc.weight"]
+    assert "text encoder 2 from broken.safetensors: some of its weights are missing" in load(tensors)
+
+    tensors = dict(tiny_sdxl["tensors"])
+    del tensors["model.diffusion_model.label_emb.0.2.bias"]
+    assert load(tensors) == (
+        "cannot load the unet from broken.safetensors: some of its weights are missing from the file "
+        "(first label_emb.0.2.bias)"
+    )
+
+    tensors = dict(tiny_sdxl["tensors"])
+    tensors["conditioner.embedders.1.model.text_projection"] = torch.zeros(32, 16)
+    assert "cannot load the text encoder 2 from broken.safetensors" in load(tensors)
+
+    no_second = tmp_path / "configs"
+    shutil.copytree(folder, no_second, ignore=shutil.ignore_patterns("text_encoder_2", "tokenizer_2"))
+    assert load(tiny_sdxl["tensors"], no_second) == (
+        f"{no_second} holds no text_encoder_2, tokenizer_2 config, which an sdxl checkpoint needs"
+    )
+
+    # without config_dir the bundled full-size SDXL configs are used, which a tiny model does not fit
+    message = load(tiny_sdxl["tensors"], None)
+    assert message.startswith("cannot load the unet from broken.safetensors:") and "has shape" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Standalone VAE files
+
+_OLD_ATTENTION_NAMES = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+
+
+def _old_diffusers_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers VAE state dict as diffusers < 0.14 named its attention projections."""
+    renamed = {}
+    for key, value in state.items():
+        for new, old in _OLD_ATTENTION_NAMES.items():
+            key = key.replace(new, old)
+        renamed[key] = value
+    return renamed
+
+
+def test_standalone_vae_files(tiny_sdxl, tmp_path):
+    vae = tiny_sdxl["models"]["vae"]
+    bare = _bare_ldm_vae(vae)
+    layouts = {
+        "sdxl_vae.safetensors": bare,
+        "with-prefix.safetensors": vae_to_ldm(vae.state_dict(), vae.config),
+        "whole-checkpoint.safetensors": tiny_sdxl["tensors"],
+        "diffusion_pytorch_model.safetensors": vae.state_dict(),
+        "old-diffusers.safetensors": _old_diffusers_names(vae.state_dict()),
+    }
+    for name, tensors in layouts.items():
+        path = _write(tmp_path / name, {key: value.contiguous() for key, value in tensors.items()})
+        loaded = load_single_file_vae(path, vae.config, torch.float32)
+        assert isinstance(loaded, AutoencoderKL) and not loaded.training
+        _assert_same_weights(loaded, vae)
+
+    half = _write(tmp_path / "sdxl.vae.safetensors", {key: value.half() for key, value in bare.items()})
+    loaded = load_single_file_vae(half, dict(vae.config), torch.float32)
+    assert {parameter.dtype for parameter in loaded.parameters()} == {torch.float32}
+    _assert_same_weights(loaded, copy.deepcopy(vae).half().float())  # only fp16's rounding differs
+    loaded = load_single_file_vae(half, vae.config, torch.bfloat16)
+    assert {parameter.dtype for parameter in loaded.parameters()} == {torch.bfloat16}
+
+    pickled = tmp_path / "vae-ft-mse-840000-ema-pruned.ckpt"
+    torch.save({"state_dict": bare}, pickled)
+    with pytest.raises(InputError, match="pickle checkpoint"):
+        load_single_file_vae(pickled, vae.config, torch.float32)
+    _assert_same_weights(load_single_file_vae(pickled, vae.config, torch.float32, allow_pickle=True), vae)
+
+
+def test_vae_files_that_do_not_fit_fail_in_one_line(tiny_sdxl, tiny, tmp_path):
+    vae = tiny_sdxl["models"]["vae"]
+    bare = _bare_ldm_vae(vae)
+
+    def refused(name: str, tensors: dict[str, torch.Tensor]) -> str:
+        path = _write(tmp_path / name, {key: value.contiguous() for key, value in tensors.items()})
+        with pytest.raises(ModelError) as caught:
+            load_single_file_vae(path, vae.config, torch.float32)
+        message = str(caught.value)
+        assert message.startswith(f"{name} is not a VAE for this model: ") and "\n" not in message
+        return message
+
+    other_vae = tiny["models"][1]  # 32/64 channels, not 16/32
+    other = vae_to_ldm(other_vae.state_dict(), other_vae.config)
+    assert "has shape" in refused("other.safetensors", other)
+    assert "it lacks 1 of the model's" in refused(
+        "incomplete.safetensors", {key: value for key, value in bare.items() if key != "decoder.conv_out.bias"}
+    )
+    extra = {**vae.state_dict(), "decoder.extra.weight": torch.zeros(1)}
+    assert "that the model's VAE does not have (first decoder.extra.weight)" in refused("extra.safetensors", extra)
+    assert "holds no VAE weights" in refused("lora.safetensors", {"lora_unet_down.weight": torch.zeros(2)})
+
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(ModelError, match="not a valid safetensors file"):
+        load_single_file_vae(corrupt, vae.config, torch.float32)

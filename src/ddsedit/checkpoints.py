@@ -1,22 +1,34 @@
-"""Loading original-format Stable Diffusion 1.x / 2.x single-file checkpoints, fully offline.
+"""Loading original-format Stable Diffusion 1.x / 2.x and SDXL single-file checkpoints, fully offline.
 
 A single-file checkpoint (``v1-5-pruned-emaonly.safetensors``, ``v2-1_768-ema-pruned.safetensors``,
-a fine-tune saved the same way) holds the UNet under ``model.diffusion_model.*``, the VAE under
-``first_stage_model.*`` and the text encoder under ``cond_stage_model.*``, but no configuration.
-diffusers normally fetches the matching diffusers configs from the Hugging Face Hub; ddsedit ships
-them instead, in ``model_configs/``:
+``sd_xl_base_1.0.safetensors``, a fine-tune saved the same way) holds the UNet under
+``model.diffusion_model.*`` and the VAE under ``first_stage_model.*``; SD 1.x/2.x keep the text
+encoder under ``cond_stage_model.*``, SDXL its two under ``conditioner.embedders.0.transformer.*``
+(CLIP ViT-L/14, transformers' layout) and ``conditioner.embedders.1.model.*`` (OpenCLIP ViT-bigG/14,
+OpenCLIP's layout, with its text projection). No file holds a configuration. diffusers normally
+fetches the matching diffusers configs from the Hugging Face Hub; ddsedit ships them instead, in
+``model_configs/``:
 
 * ``sd15``  - stable-diffusion-v1-5/stable-diffusion-v1-5 (CLIP ViT-L/14 text encoder, epsilon, 512);
 * ``sd2``   - stabilityai/stable-diffusion-2-1-base (OpenCLIP ViT-H/14, epsilon, 512);
 * ``sd2-v`` - stabilityai/stable-diffusion-2-1 (OpenCLIP ViT-H/14, v-prediction, 768);
-* ``clip_bpe`` - the byte-level BPE vocabulary and merges that both tokenizers use (gzipped;
+* ``sdxl``  - stabilityai/stable-diffusion-xl-base-1.0 (CLIP ViT-L/14 + OpenCLIP ViT-bigG/14, epsilon, 1024);
+* ``sdxl-v`` - the same with a v-prediction scheduler, for v-prediction SDXL fine-tunes;
+* ``clip_bpe`` - the byte-level BPE vocabulary and merges that all the tokenizers use (gzipped;
   ``scripts/make_clip_bpe.py`` derives them from OpenAI's published merge list).
 
 Each component is then built with diffusers' own single-file conversion code, pointed at the
 bundled config folder, so the weights are mapped exactly as ``from_single_file`` maps them.
+``load_single_file_vae`` loads a standalone VAE file (``sdxl_vae.safetensors``,
+``vae-ft-mse-840000-ema-pruned.safetensors``) into a model's VAE architecture the same way.
 
 Which config folder a checkpoint gets (``detect_sd_version``), from its tensor names and shapes:
 
+* SDXL: the ``conditioner.embedders.*`` text encoders (or, without them, a UNet attending to
+  2048-wide text features). The SDXL refiner (one text encoder, ``conditioner.embedders.0.model.*``),
+  SDXL inpainting (9 UNet input channels) and Playground v2.5 (SDXL's layout with an EDM schedule,
+  marked by ``edm_mean``) are refused. SDXL base is epsilon; v-prediction fine-tunes say so in their
+  metadata or with a ``v_pred`` tensor (see below), else the caller's ``prediction_type`` must.
 * SD 1.x vs 2.x: the text encoder's layout. SD 1.x stores OpenAI CLIP in transformers' layout
   under ``cond_stage_model.transformer.*``; SD 2.x stores OpenCLIP under ``cond_stage_model.model.*``.
   Without text-encoder weights, the UNet's cross-attention width decides (768: 1.x, 1024: 2.x),
@@ -39,22 +51,25 @@ import gzip
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.loaders import single_file_utils
 from safetensors import safe_open
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ddsedit.errors import InputError, ModelError
 from ddsedit.formats import PICKLE_SUFFIXES
 
 MODEL_CONFIGS_DIR = Path(__file__).parent / "model_configs"
 CLIP_BPE_DIR = MODEL_CONFIGS_DIR / "clip_bpe"
-SD_VERSIONS = ("sd15", "sd2", "sd2-v")
+SD_VERSIONS = ("sd15", "sd2", "sd2-v", "sdxl", "sdxl-v")
+# each version's model family, named as in ddsedit.families
+VERSION_FAMILIES = {"sd15": "sd", "sd2": "sd", "sd2-v": "sd", "sdxl": "sdxl", "sdxl-v": "sdxl"}
 CLIP_VOCAB_SIZE = 49408
 
 UNET_PREFIX = "model.diffusion_model."
@@ -62,6 +77,11 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: OpenAI CLIP, transformers' layout
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP's own layout
 SDXL_PREFIX = "conditioner.embedders."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL base: OpenAI CLIP ViT-L, transformers' layout
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL base: OpenCLIP ViT-bigG, OpenCLIP's layout
+SDXL_REFINER_PREFIX = "conditioner.embedders.0.model."  # the refiner's only text encoder, OpenCLIP ViT-bigG
+SDXL_CONTEXT_WIDTH = 2048  # SDXL's UNet attends to both encoders' features side by side: 768 + 1280
+PLAYGROUND_MARKER = "edm_mean"  # Playground v2.5: SDXL's layout, an EDM schedule and its own latent statistics
 SD2_BASE_GLOBAL_STEP = 875000  # diffusers' legacy loader: this step count marks the 512 epsilon model
 
 _PREDICTION_ALIASES = {
@@ -285,47 +305,107 @@ def _sd2_prediction_type(checkpoint: _Checkpoint) -> str:
     return "v_prediction"
 
 
+def _has_prefix(keys: list[str], prefix: str) -> bool:
+    """Whether any tensor name starts with ``prefix`` (a component's weights are present)."""
+    return any(key.startswith(prefix) for key in keys)
+
+
+def _refuse_other_sdxl_models(checkpoint: _Checkpoint) -> None:
+    """SDXL-layout models that the SDXL base configs would load wrongly, or not at all."""
+    name = checkpoint.path.name
+    keys = checkpoint.keys
+    if _has_prefix(keys, SDXL_REFINER_PREFIX) and not _has_prefix(keys, SDXL_CLIP_PREFIX):
+        raise ModelError(
+            f"{name} is the SDXL refiner (one text encoder, image-to-image only); "
+            "ddsedit needs an SDXL base model or a fine-tune of it"
+        )
+    if PLAYGROUND_MARKER in keys:
+        # Its weights would load into SDXL's architecture, but its EDM noise schedule and latent statistics
+        # are not SDXL's, so every edit would be wrong without an error.
+        raise ModelError(
+            f"{name} is a Playground v2.5 checkpoint (EDM noise schedule), which ddsedit does not support"
+        )
+
+
+def _unet_context_width(checkpoint: _Checkpoint, unet_keys: list[str]) -> int | None:
+    """The width of the text features that the UNet's cross-attention reads."""
+    for key in unet_keys:
+        if key.endswith(".attn2.to_k.weight"):
+            shape = checkpoint.shape(key)
+            return shape[-1] if shape else None
+    return None
+
+
+def _sdxl_text_width(checkpoint: _Checkpoint) -> int | None:
+    """The two SDXL text encoders' widths added up (the UNet reads their features concatenated)."""
+    clip_shape = checkpoint.shape(SDXL_CLIP_PREFIX + "text_model.embeddings.token_embedding.weight")
+    if clip_shape is None:  # saved by transformers < 4.2x, without the text_model level
+        clip_shape = checkpoint.shape(SDXL_CLIP_PREFIX + "embeddings.token_embedding.weight")
+    open_clip_shape = checkpoint.shape(SDXL_OPEN_CLIP_PREFIX + "token_embedding.weight")
+    if not clip_shape or not open_clip_shape:
+        return None
+    return clip_shape[-1] + open_clip_shape[-1]
+
+
+def _detect_sdxl(checkpoint: _Checkpoint, context_width: int | None, prediction_type: str | None) -> str:
+    """``"sdxl"`` or ``"sdxl-v"``; refuses a file that would not load whole into SDXL base's architecture.
+
+    No SD 2.x-style guessing from names or step counts: SDXL base and nearly all its fine-tunes are
+    epsilon, so only the caller or the file itself can say v-prediction.
+    """
+    name = checkpoint.path.name
+    has_clip = _has_prefix(checkpoint.keys, SDXL_CLIP_PREFIX)
+    has_open_clip = _has_prefix(checkpoint.keys, SDXL_OPEN_CLIP_PREFIX)
+    if has_clip != has_open_clip:
+        missing = SDXL_OPEN_CLIP_PREFIX if has_clip else SDXL_CLIP_PREFIX
+        raise ModelError(f"{name} is an SDXL checkpoint without one of its two text encoders (no {missing}*)")
+    text_width = _sdxl_text_width(checkpoint)
+    if context_width is not None and text_width is not None and context_width != text_width:
+        raise ModelError(
+            f"{name}: its text encoders give {text_width}-wide features but its UNet attends to "
+            f"{context_width}-wide ones; the file mixes two models"
+        )
+    chosen = prediction_type or _prediction_from_metadata(checkpoint) or "epsilon"
+    return "sdxl-v" if chosen == "v_prediction" else "sdxl"
+
+
 def _detect(checkpoint: _Checkpoint, prediction_type: str | None) -> str:
     name = checkpoint.path.name
     keys = checkpoint.keys
-    if any(key.startswith(SDXL_PREFIX) for key in keys):
-        raise ModelError(f"{name} is an SDXL checkpoint; ddsedit loads Stable Diffusion 1.x and 2.x files")
+    _refuse_other_sdxl_models(checkpoint)
     unet_keys = [key for key in keys if key.startswith(UNET_PREFIX)]
     if not unet_keys:
         raise ModelError(
-            f"{name} is not a Stable Diffusion 1.x/2.x checkpoint: it holds no UNet weights "
+            f"{name} is not a Stable Diffusion 1.x/2.x or SDXL checkpoint: it holds no UNet weights "
             f"({UNET_PREFIX}*); for a diffusers folder, pass the folder instead"
         )
     conv_in = checkpoint.shape(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
         raise ModelError(
             f"{name} has a UNet with {conv_in[1]} input channels (an inpainting, depth, upscaling or "
-            "instruct-pix2pix model); ddsedit needs a text-to-image SD 1.x/2.x checkpoint"
+            "instruct-pix2pix model); ddsedit needs a text-to-image SD 1.x/2.x or SDXL checkpoint"
         )
-    context_width = None
-    for key in unet_keys:
-        if key.endswith(".attn2.to_k.weight"):
-            shape = checkpoint.shape(key)
-            context_width = shape[-1] if shape else None
-            break
-    has_clip = any(key.startswith(CLIP_PREFIX) for key in keys)
-    has_open_clip = any(key.startswith(OPEN_CLIP_PREFIX) for key in keys)
+    context_width = _unet_context_width(checkpoint, unet_keys)
+    if _has_prefix(keys, SDXL_PREFIX) or context_width == SDXL_CONTEXT_WIDTH:
+        return _detect_sdxl(checkpoint, context_width, prediction_type)
+    has_clip = _has_prefix(keys, CLIP_PREFIX)
+    has_open_clip = _has_prefix(keys, OPEN_CLIP_PREFIX)
     if has_open_clip and not has_clip:
-        family = "sd2"
+        version = "sd2"
     elif has_clip and not has_open_clip:
-        family = "sd15"
+        version = "sd15"
     elif context_width in (768, 1024):
-        family = "sd15" if context_width == 768 else "sd2"
+        version = "sd15" if context_width == 768 else "sd2"
     else:
         raise ModelError(
             f"{name}: cannot tell whether this is an SD 1.x or 2.x checkpoint (no text encoder found)"
         )
-    if context_width in (768, 1024) and context_width != (768 if family == "sd15" else 1024):
+    if context_width in (768, 1024) and context_width != (768 if version == "sd15" else 1024):
         raise ModelError(
-            f"{name}: its text encoder is SD {'1.x' if family == 'sd15' else '2.x'}'s but its UNet "
+            f"{name}: its text encoder is SD {'1.x' if version == 'sd15' else '2.x'}'s but its UNet "
             f"attends to {context_width}-wide text features; the file mixes two models"
         )
-    if family == "sd15":
+    if version == "sd15":
         return "sd15"
     chosen = prediction_type or _sd2_prediction_type(checkpoint)
     return "sd2-v" if chosen == "v_prediction" else "sd2"
@@ -334,12 +414,14 @@ def _detect(checkpoint: _Checkpoint, prediction_type: str | None) -> str:
 def detect_sd_version(
     path: str | Path, prediction_type: str | None = None, allow_pickle: bool = False
 ) -> str:
-    """``"sd15"``, ``"sd2"`` (epsilon, 512) or ``"sd2-v"`` (v-prediction, 768) for a checkpoint.
+    """The bundled config folder (one of SD_VERSIONS) that a checkpoint's weights belong with.
 
-    Reads only tensor names, shapes and metadata from a ``.safetensors`` file (a pickle is loaded
-    whole, and only with ``allow_pickle``). ``prediction_type`` (``epsilon``/``v_prediction``)
-    overrides the guess between ``sd2`` and ``sd2-v``; see the module docstring for the rules.
-    Raises InputError (missing file, refused pickle) or ModelError (not an SD 1.x/2.x checkpoint).
+    ``"sd15"``, ``"sd2"`` (epsilon, 512), ``"sd2-v"`` (v-prediction, 768), ``"sdxl"`` (epsilon,
+    1024) or ``"sdxl-v"`` (v-prediction). Reads only tensor names, shapes and metadata from a
+    ``.safetensors`` file (a pickle is loaded whole, and only with ``allow_pickle``).
+    ``prediction_type`` (``epsilon``/``v_prediction``) overrides the guess between ``sd2`` and
+    ``sd2-v`` or ``sdxl`` and ``sdxl-v``; see the module docstring for the rules. Raises InputError
+    (missing file, refused pickle) or ModelError (not an SD 1.x/2.x or SDXL base checkpoint).
     """
     normalized = normalize_prediction_type(prediction_type)
     with _open_checkpoint(path, allow_pickle) as checkpoint:
@@ -356,7 +438,13 @@ def _component_error(name: str, component: str, error: BaseException) -> ModelEr
         tensor, expected, got = mismatch.groups()
         return ModelError(
             f"cannot load the {component} from {name}: {tensor} has shape {got}, the architecture expects "
-            f"{expected} (not a standard SD 1.x/2.x checkpoint?)"
+            f"{expected} (not a standard SD 1.x/2.x or SDXL checkpoint?)"
+        )
+    if isinstance(error, KeyError) and error.args:
+        # diffusers' conversion looks up the tensors it needs by name (SDXL's label_emb.*, for one).
+        return ModelError(
+            f"cannot load the {component} from {name}: some of its weights are missing from the file "
+            f"(first {error.args[0]})"
         )
     if "meta tensor" in str(error):
         # diffusers leaves the weights that the file lacks on the meta device, then fails to cast them.
@@ -399,38 +487,136 @@ def _check_complete(model: torch.nn.Module, name: str, component: str) -> None:
         )
 
 
-def _text_encoder_tensors(checkpoint: _Checkpoint, family: str) -> dict[str, torch.Tensor]:
-    if family != "sd15":
-        return checkpoint.tensors(OPEN_CLIP_PREFIX)
-    tensors = checkpoint.tensors(CLIP_PREFIX)
+def _clip_tensors(checkpoint: _Checkpoint, prefix: str) -> dict[str, torch.Tensor]:
+    """OpenAI CLIP's tensors (transformers' layout) under ``prefix``, as diffusers' conversion expects them."""
+    tensors = checkpoint.tensors(prefix)
     # Checkpoints saved with transformers < 4.2x lack the ``text_model.`` level; diffusers needs it.
-    nested = CLIP_PREFIX + "text_model."
+    nested = prefix + "text_model."
     if not any(key.startswith(nested) for key in tensors):
-        tensors = {nested + key[len(CLIP_PREFIX) :]: value for key, value in tensors.items()}
+        tensors = {nested + key[len(prefix) :]: value for key, value in tensors.items()}
     return {key: value for key, value in tensors.items() if not key.endswith("position_ids")}
 
 
-def _load_unet(tensors: dict[str, torch.Tensor], folder: Path, torch_dtype: torch.dtype) -> Any:
-    return UNet2DConditionModel.from_single_file(
-        tensors, config=str(folder), subfolder="unet", local_files_only=True, torch_dtype=torch_dtype
-    )
+def _component_classes(family: str) -> dict[str, type]:
+    """The model class of each weighted component, by its key in the result (also its config subfolder)."""
+    classes: dict[str, type] = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+    if family == "sdxl":
+        classes["text_encoder_2"] = CLIPTextModelWithProjection
+    return classes
 
 
-def _load_vae(tensors: dict[str, torch.Tensor], folder: Path, torch_dtype: torch.dtype) -> Any:
-    return AutoencoderKL.from_single_file(
-        tensors, config=str(folder), subfolder="vae", local_files_only=True, torch_dtype=torch_dtype
-    )
+def _component_tensors(checkpoint: _Checkpoint, component: str, version: str) -> dict[str, torch.Tensor]:
+    """One component's tensors, under their names in the file.
+
+    Each SDXL text encoder gets only its own tensors: diffusers' conversion picks the mapping from
+    which encoders' keys are present and compares widths, and two encoders of one width (a small
+    test model) would otherwise both be read as CLIP ViT-L.
+    """
+    if component == "unet":
+        return checkpoint.tensors(UNET_PREFIX)
+    if component == "vae":
+        return checkpoint.tensors(VAE_PREFIX)
+    if component == "text_encoder_2":
+        return checkpoint.tensors(SDXL_OPEN_CLIP_PREFIX)
+    if VERSION_FAMILIES[version] == "sdxl":
+        return _clip_tensors(checkpoint, SDXL_CLIP_PREFIX)
+    if version == "sd15":
+        return _clip_tensors(checkpoint, CLIP_PREFIX)
+    return checkpoint.tensors(OPEN_CLIP_PREFIX)
 
 
-def _load_text_encoder(tensors: dict[str, torch.Tensor], folder: Path, torch_dtype: torch.dtype) -> Any:
+def _load_component(
+    model_class: type, tensors: dict[str, torch.Tensor], folder: Path, subfolder: str, torch_dtype: torch.dtype
+) -> Any:
+    """Build one component with diffusers' own single-file conversion and the folder's config for it."""
+    if model_class in (UNet2DConditionModel, AutoencoderKL):
+        return model_class.from_single_file(
+            tensors, config=str(folder), subfolder=subfolder, local_files_only=True, torch_dtype=torch_dtype
+        )
     return single_file_utils.create_diffusers_clip_model_from_ldm(
-        CLIPTextModel,
+        model_class,
         tensors,
-        subfolder="text_encoder",
+        subfolder=subfolder,
         config=str(folder),
         torch_dtype=torch_dtype,
         local_files_only=True,
     )
+
+
+def _is_component_entry(value: Any) -> bool:
+    """model_index.json names each component as ``[library, class]`` (``[null, null]`` when left out)."""
+    return isinstance(value, list) and len(value) == 2 and all(item is None or isinstance(item, str) for item in value)
+
+
+def read_pipeline_config(folder: Path) -> dict[str, Any]:
+    """The pipeline's own settings in ``folder/model_index.json``, without its component entries.
+
+    For SDXL, ``force_zeros_for_empty_prompt`` (an empty prompt is conditioned on zeros, not on its
+    encoding); ``{}`` when the folder has no model_index.json.
+    """
+    path = folder / "model_index.json"
+    if not path.is_file():
+        return {}
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ModelError(f"cannot read {path}: {_first_line(error)}") from None
+    if not isinstance(index, dict):
+        raise ModelError(f"{path} does not hold a JSON object")
+    return {
+        key: value for key, value in index.items() if not key.startswith("_") and not _is_component_entry(value)
+    }
+
+
+def _check_config_folder(folder: Path, needed: list[str], family: str) -> None:
+    """Name the missing config subfolders at once, before gigabytes of weights are read for nothing."""
+    missing = [name for name in needed if not (folder / name).is_dir()]
+    if len(missing) == len(needed):
+        raise ModelError(f"no model configs in {folder}")
+    if missing:
+        raise ModelError(f"{folder} holds no {', '.join(missing)} config, which an {family} checkpoint needs")
+
+
+def _load_weighted_components(
+    checkpoint: _Checkpoint, version: str, folder: Path, torch_dtype: torch.dtype
+) -> dict[str, Any]:
+    """The UNet, VAE and text encoder(s), one at a time (a component's tensors are freed once it is built).
+
+    Every failure is one line naming the file and the component: a missing tensor, a shape that
+    does not fit the config, a tensor the file cannot give.
+    """
+    name = checkpoint.path.name
+    parts: dict[str, Any] = {}
+    for component, model_class in _component_classes(VERSION_FAMILIES[version]).items():
+        label = component.replace("_", " ")
+        try:
+            tensors = _component_tensors(checkpoint, component, version)
+        except Exception as error:  # a truncated or damaged file fails here, not when opened
+            raise ModelError(f"cannot read the {label} weights in {name}: {_first_line(error)}") from None
+        if not tensors:
+            raise ModelError(f"cannot load the {label} from {name}: the file holds no {label} weights")
+        try:
+            with _without_cast_warning():
+                model = _load_component(model_class, tensors, folder, component, torch_dtype)
+        except (ValueError, KeyError, RuntimeError, OSError, TypeError, AttributeError) as error:
+            raise _component_error(name, label, error) from None
+        except single_file_utils.SingleFileComponentError as error:
+            raise _component_error(name, label, error) from None
+        del tensors
+        _check_complete(model, name, label)
+        parts[component] = model.eval()
+    return parts
+
+
+def _load_scheduler(folder: Path, prediction_type: str | None) -> DDPMScheduler:
+    """A DDPMScheduler with the folder's training noise schedule (SDXL's Euler config holds the same betas)."""
+    try:
+        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot read the scheduler config in {folder}: {_first_line(error)}") from None
+    if prediction_type is not None and scheduler.config.get("prediction_type") != prediction_type:
+        scheduler = DDPMScheduler.from_config(scheduler.config, prediction_type=prediction_type)
+    return scheduler
 
 
 def load_single_file(
@@ -440,59 +626,115 @@ def load_single_file(
     config_dir: Path | None = None,
     prediction_type: str | None = None,
 ) -> dict[str, Any]:
-    """Load an original-format SD 1.x/2.x checkpoint into diffusers/transformers objects, offline.
+    """Load an original-format SD 1.x/2.x or SDXL checkpoint into diffusers/transformers objects, offline.
 
-    Returns ``{"unet", "vae", "text_encoder", "tokenizer", "scheduler"}``; the scheduler is a
-    DDPMScheduler carrying the model's training noise schedule and prediction type. The config
-    folder is the bundled one for the detected version (``detect_sd_version``), or ``config_dir``
-    (a diffusers-layout folder with ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` and
-    ``scheduler/`` configs). ``prediction_type`` overrides the scheduler's (and picks ``sd2`` vs
-    ``sd2-v``). Only the UNet's ``model.diffusion_model.*`` weights are used, never ``model_ema.*``
-    copies, as diffusers does by default.
+    Returns ``{"unet", "vae", "text_encoder", "tokenizer", "scheduler", "family", "pipeline_config"}``,
+    plus ``"text_encoder_2"`` (CLIPTextModelWithProjection) and ``"tokenizer_2"`` for SDXL.
+    ``family`` is ``"sd"`` (SD 1.x/2.x) or ``"sdxl"``; ``pipeline_config`` holds the config folder's
+    model_index.json settings that are not components (SDXL: ``force_zeros_for_empty_prompt``).
+    The scheduler is a DDPMScheduler carrying the model's training noise schedule and prediction
+    type. The config folder is the bundled one for the detected version (``detect_sd_version``), or
+    ``config_dir`` (a diffusers-layout folder with a config subfolder per component, tokenizer and
+    scheduler). ``prediction_type`` overrides the scheduler's (and picks ``sd2`` vs ``sd2-v``,
+    ``sdxl`` vs ``sdxl-v``). Only the UNet's ``model.diffusion_model.*`` weights are used, never
+    ``model_ema.*`` copies, as diffusers does by default.
 
     Raises InputError for a pickle (``.ckpt``/``.pt``/``.pth``/``.bin``) unless ``allow_pickle``, and
-    ModelError, with one line, for an unreadable file or one that is not an SD 1.x/2.x checkpoint.
+    ModelError, with one line, for an unreadable file or one that is not an SD 1.x/2.x or SDXL base
+    checkpoint.
     """
     normalized = normalize_prediction_type(prediction_type)
     with _open_checkpoint(path, allow_pickle) as checkpoint:
         version = _detect(checkpoint, normalized)
+        family = VERSION_FAMILIES[version]
         folder = Path(config_dir) if config_dir is not None else MODEL_CONFIGS_DIR / version
-        if not (folder / "unet").is_dir():
-            raise ModelError(f"no model configs in {folder}")
+        tokenizers = ["tokenizer", "tokenizer_2"] if family == "sdxl" else ["tokenizer"]
+        _check_config_folder(folder, [*_component_classes(family), *tokenizers, "scheduler"], family)
+        pipeline_config = read_pipeline_config(folder)
+        parts = _load_weighted_components(checkpoint, version, folder, torch_dtype)
+    for tokenizer in tokenizers:
+        parts[tokenizer] = load_clip_tokenizer(folder / tokenizer)
+    parts["scheduler"] = _load_scheduler(folder, normalized)
+    parts["family"] = family
+    parts["pipeline_config"] = pipeline_config
+    return parts
+
+
+# ---------------------------------------------------------------------------------------------
+# A standalone VAE file
+
+_DIFFUSERS_VAE_MARKERS = ("encoder.down_blocks.", "decoder.up_blocks.", "encoder.mid_block.", "decoder.mid_block.")
+# diffusers < 0.14 named the VAE's attention projections differently; files saved then still circulate.
+_OLD_DIFFUSERS_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+
+
+def _vae_tensors(checkpoint: _Checkpoint) -> dict[str, torch.Tensor]:
+    """The VAE's tensors without a ``first_stage_model.``/``vae.`` prefix (a full checkpoint has one)."""
+    for prefix in single_file_utils.LDM_VAE_KEYS:
+        if _has_prefix(checkpoint.keys, prefix):
+            return {key[len(prefix) :]: value for key, value in checkpoint.tensors(prefix).items()}
+    return checkpoint.tensors("")
+
+
+def _vae_state_dict(tensors: dict[str, torch.Tensor], vae_config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors in diffusers' AutoencoderKL layout, converted by diffusers when in the original one."""
+    if not any(key.startswith(_DIFFUSERS_VAE_MARKERS) for key in tensors):
+        return single_file_utils.convert_ldm_vae_checkpoint(tensors, dict(vae_config))
+    state = {}
+    for key, value in tensors.items():
+        if ".attentions." in key:
+            for old, new in _OLD_DIFFUSERS_ATTENTION.items():
+                key = key.replace(old, new)
+        state[key] = value
+    return state
+
+
+def _vae_misfit(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """What keeps ``state`` from loading strictly into ``model``, in a few words; None if it fits."""
+    expected = model.state_dict()
+    if not state:
+        return "it holds no VAE weights (encoder.*, decoder.*)"
+    for key, value in state.items():
+        if key in expected and tuple(value.shape) != tuple(expected[key].shape):
+            return f"{key} has shape {list(value.shape)}, the model expects {list(expected[key].shape)}"
+    missing = [key for key in expected if key not in state]
+    if missing:
+        return f"it lacks {len(missing)} of the model's {len(expected)} VAE weights (first {missing[0]})"
+    unexpected = [key for key in state if key not in expected]
+    if unexpected:
+        return f"it holds {len(unexpected)} weights that the model's VAE does not have (first {unexpected[0]})"
+    return None
+
+
+def load_single_file_vae(
+    path: str | Path, vae_config: Mapping[str, Any], torch_dtype: torch.dtype, allow_pickle: bool = False
+) -> AutoencoderKL:
+    """Load a standalone VAE file into the model's VAE architecture (``vae_config``), offline.
+
+    For swapping in a fixed or fine-tuned VAE: ``sdxl_vae.safetensors``, the fp16-fix
+    ``sdxl.vae.safetensors``, ``vae-ft-mse-840000-ema-pruned.safetensors``. The file may be in the
+    original layout (with or without the ``first_stage_model.`` prefix, so a full checkpoint's VAE
+    also loads) or already in diffusers' layout; the original one is converted with diffusers'
+    ``convert_ldm_vae_checkpoint``. The load is strict: the file's weights must be exactly the
+    architecture's, else a one-line ModelError says what does not fit. The weights alone cannot tell
+    an SD VAE from an SDXL one (same architecture), so that is the caller's to get right.
+    """
+    with _open_checkpoint(path, allow_pickle) as checkpoint:
         name = checkpoint.path.name
-        family = "sd15" if version == "sd15" else "sd2"
-        parts: dict[str, Any] = {}
-        for component, prefix, load in (
-            ("unet", UNET_PREFIX, _load_unet),
-            ("vae", VAE_PREFIX, _load_vae),
-            ("text_encoder", None, _load_text_encoder),
-        ):
-            label = component.replace("_", " ")
-            try:
-                if prefix is None:
-                    tensors = _text_encoder_tensors(checkpoint, family)
-                else:
-                    tensors = checkpoint.tensors(prefix)
-            except Exception as error:  # a truncated or damaged file fails here, not when opened
-                raise ModelError(f"cannot read the {label} weights in {name}: {_first_line(error)}") from None
-            if not tensors:
-                raise ModelError(f"cannot load the {label} from {name}: the file holds no {label} weights")
-            try:
-                with _without_cast_warning():
-                    model = load(tensors, folder, torch_dtype)
-            except (ValueError, KeyError, RuntimeError, OSError, TypeError, AttributeError) as error:
-                raise _component_error(name, label, error) from None
-            except single_file_utils.SingleFileComponentError as error:
-                raise _component_error(name, label, error) from None
-            del tensors
-            _check_complete(model, name, label)
-            parts[component] = model.eval()
-    parts["tokenizer"] = load_clip_tokenizer(folder / "tokenizer")
+        try:
+            tensors = _vae_tensors(checkpoint)
+        except Exception as error:  # a truncated or damaged file fails here, not when opened
+            raise ModelError(f"cannot read the VAE weights in {name}: {_first_line(error)}") from None
     try:
-        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot read the scheduler config in {folder}: {_first_line(error)}") from None
-    if normalized is not None and scheduler.config.get("prediction_type") != normalized:
-        scheduler = DDPMScheduler.from_config(scheduler.config, prediction_type=normalized)
-    parts["scheduler"] = scheduler
-    return {key: parts[key] for key in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
+        state = _vae_state_dict(tensors, vae_config)
+    except (KeyError, IndexError, ValueError) as error:
+        raise ModelError(f"{name} is not a VAE for this model: {_first_line(error)}") from None
+    with init_empty_weights():
+        model = AutoencoderKL.from_config(dict(vae_config))
+    misfit = _vae_misfit(model, state)
+    if misfit is not None:
+        raise ModelError(f"{name} is not a VAE for this model: {misfit}")
+    model.load_state_dict(state, strict=True, assign=True)
+    _check_complete(model, name, "VAE")
+    with _without_cast_warning():
+        return model.to(torch_dtype).eval()
