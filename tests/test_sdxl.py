@@ -292,3 +292,17 @@ def test_bad_sdxl_input_is_one_line(tiny_sdxl_dir: Path, circle_files: dict[str,
         lines = result.stderr.strip().splitlines()
         assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
         assert text in lines[0], lines[0]
+
+
+def test_a_single_file_vae_is_read_with_the_models_vae_config(tiny_sdxl_dir: Path, tmp_path: Path) -> None:
+    """``--vae file.safetensors`` (e.g. the fp16-fix VAE): weights as saved, the model's VAE config, recorded."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    own = AutoencoderKL.from_pretrained(tiny_sdxl_dir, subfolder="vae")
+    changed = {key: value + 0.01 for key, value in own.state_dict().items()}
+    path = tmp_path / "fixed.vae.safetensors"
+    save_file(changed, str(path))
+    components, _, _ = load_model(tiny_sdxl_dir, device="cpu", vae=path)
+    assert all(torch.equal(value, changed[key]) for key, value in components.vae.state_dict().items())
+    assert components.vae.config.scaling_factor == 0.13025 and components.vae_identity == str(path.resolve())

@@ -316,14 +316,13 @@ def model_family(kind: str, path: Path) -> Family:
         return folder_family(path)
     if path.suffix.lower() != ".safetensors":
         return FAMILIES[DEFAULT_FAMILY]
-    from ddsedit.checkpoints import detect_sd_version
+    from ddsedit.checkpoints import VERSION_FAMILIES, detect_sd_version
     from ddsedit.errors import DDSEditError
 
     try:
-        version = detect_sd_version(path)
+        return FAMILIES[VERSION_FAMILIES[detect_sd_version(path)]]
     except DDSEditError:
         return FAMILIES[DEFAULT_FAMILY]
-    return FAMILIES["sdxl" if version.startswith("sdxl") else DEFAULT_FAMILY]
 
 
 def _load_components(folder: Path, label: str, loaders: dict[str, Any]) -> dict[str, Any]:
