@@ -98,18 +98,15 @@ def build_models(arch: str, size: int, device: torch.device):
         from ddsedit.loading import bundled_models
         from ddsedit.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 
-        if arch == "tiny":
-            folder = build_tiny_pipeline(Path(tempfile.mkdtemp(prefix="ddsedit-bench-")) / "tiny")
-        elif arch == "tiny-sdxl":
-            folder = build_tiny_sdxl_pipeline(Path(tempfile.mkdtemp(prefix="ddsedit-bench-")) / "tiny-sdxl")
-        elif arch in bundled_models():
-            folder = bundled_models()[arch]
-        else:
+        builders = {"tiny": build_tiny_pipeline, "tiny-sdxl": build_tiny_sdxl_pipeline}
+        if arch not in builders and arch not in bundled_models():
             known = "sd15, sd21, sd21-base, sdxl, tiny, tiny-sdxl or a bundled model"
             raise SystemExit(f"unknown --arch {arch!r}: {known}")
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
-        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+        with tempfile.TemporaryDirectory(prefix="ddsedit-bench-") as scratch:  # a tiny model lives in memory once read
+            folder = builders[arch](Path(scratch) / arch) if arch in builders else bundled_models()[arch]
+            unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
+            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
+            scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     for module in (unet, vae):
         module.requires_grad_(False).eval().to(device)
     stride = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -299,7 +296,10 @@ def run(args: argparse.Namespace) -> BenchReport:
         reset_peak_memory(device)
         if name.startswith("ddsedit"):
             method, loop_settings = engine_settings(name, settings)
-            engine_unet = copy.deepcopy(unet).to(device=device, dtype=dtype)
+            # The references need the fp32 UNet as built; without them the engine loops take it over (one copy of
+            # SDXL's UNet in fp32 is 10 GB: two may not fit a CPU machine).
+            references = any(not loop.startswith("ddsedit") for loop in args.loops)
+            engine_unet = (copy.deepcopy(unet) if references else unet).to(device=device, dtype=dtype)
             if device.type == "cuda":
                 engine_unet = engine_unet.to(memory_format=torch.channels_last)
             if args.compile:

@@ -306,3 +306,26 @@ def test_a_single_file_vae_is_read_with_the_models_vae_config(tiny_sdxl_dir: Pat
     components, _, _ = load_model(tiny_sdxl_dir, device="cpu", vae=path)
     assert all(torch.equal(value, changed[key]) for key, value in components.vae.state_dict().items())
     assert components.vae.config.scaling_factor == 0.13025 and components.vae_identity == str(path.resolve())
+
+
+def test_make_tiny_model_writes_sdxl_and_every_output_records_its_family(tmp_path: Path, tiny_editor: Editor) -> None:
+    result = _cli("make-tiny-model", str(tmp_path / "xl"), "--sdxl")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((tmp_path / "xl" / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    sd_result = tiny_editor.edit(Image.new("RGB", (32, 32), "white"), "sds", "a red circle",
+                                 config=tiny_editor.config("sds", steps=1, seed=0))  # fmt: skip
+    assert sd_result.parameters["model_family"] == "sd"
+
+
+def test_a_folder_with_only_fp16_variant_weights_loads(tiny_sdxl_dir: Path, tmp_path: Path) -> None:
+    """As ``hf download --include '*.fp16.safetensors'`` or ``variant="fp16"`` leave SDXL folders."""
+    import shutil
+
+    folder = shutil.copytree(tiny_sdxl_dir, tmp_path / "fp16-variant")
+    for weights in folder.glob("*/*.safetensors"):
+        weights.rename(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors")))
+    components, _, _ = load_model(folder, device="cpu")
+    reference, _, _ = load_model(tiny_sdxl_dir, device="cpu")
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        ours, theirs = getattr(components, name).state_dict(), getattr(reference, name).state_dict()
+        assert all(torch.equal(ours[key], theirs[key]) for key in theirs), name

@@ -337,15 +337,28 @@ def _load_components(folder: Path, label: str, loaders: dict[str, Any]) -> dict[
         raise ModelError(f"cannot load the model in {folder}: {reason}") from None
 
 
+def weights_variant(folder: Path) -> str | None:
+    """``"fp16"`` when a component folder holds only fp16-variant weights (``*.fp16.safetensors``, as hub
+    downloads with ``variant="fp16"`` leave them), else None: the plain weights."""
+    names = [path.name for path in folder.glob("*.safetensors")] if folder.is_dir() else []
+    if names and all(name.endswith(".fp16.safetensors") for name in names):
+        return "fp16"
+    return None
+
+
 def load_sd_folder(folder: Path, torch_dtype) -> dict[str, Any]:
     """An SD 1.x/2.x diffusers folder's UNet, VAE, text encoder, tokenizer and noise schedule."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    def pretrained(model_class: Any, name: str) -> Any:
+        return model_class.from_pretrained(folder, subfolder=name, torch_dtype=torch_dtype,
+                                           variant=weights_variant(folder / name))  # fmt: skip
+
     return _load_components(folder, "Stable Diffusion", {
-        "unet": lambda name: UNet2DConditionModel.from_pretrained(folder, subfolder=name, torch_dtype=torch_dtype),
-        "vae": lambda name: AutoencoderKL.from_pretrained(folder, subfolder=name, torch_dtype=torch_dtype),
-        "text_encoder": lambda name: CLIPTextModel.from_pretrained(folder, subfolder=name, torch_dtype=torch_dtype),
+        "unet": lambda name: pretrained(UNet2DConditionModel, name),
+        "vae": lambda name: pretrained(AutoencoderKL, name),
+        "text_encoder": lambda name: pretrained(CLIPTextModel, name),
         "tokenizer": lambda name: CLIPTokenizer.from_pretrained(folder, subfolder=name),
         # The noise schedule only: DDPMScheduler reads any of these schedulers' configs (PNDM, DDIM, Euler...).
         "scheduler": lambda name: DDPMScheduler.from_pretrained(folder, subfolder=name),
@@ -359,7 +372,7 @@ def load_sdxl_folder(folder: Path, torch_dtype) -> dict[str, Any]:
     parts = load_sd_folder(folder, torch_dtype)
     parts.update(_load_components(folder, "Stable Diffusion XL", {
         "text_encoder_2": lambda name: CLIPTextModelWithProjection.from_pretrained(
-            folder, subfolder=name, torch_dtype=torch_dtype),
+            folder, subfolder=name, torch_dtype=torch_dtype, variant=weights_variant(folder / name)),
         "tokenizer_2": lambda name: CLIPTokenizer.from_pretrained(folder, subfolder=name),
     }))  # fmt: skip
     return parts

@@ -38,21 +38,20 @@ def _webui_value(value: Any) -> str:
     return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:\n"') else text
 
 
-SHARED_WEBUI_KEYS = ("method", "ref", "query", "negative", "seed", "steps", "guidance", "lr", "t_min", "t_max",
-                     "size", "paste_back", "feather", "mask", "mask_seed", "model", "ddsedit_version")  # fmt: skip
-
-
 def webui_parameters(parameters: dict[str, Any], size: tuple[int, int]) -> str:
     """The ``parameters`` text of Stable Diffusion web UIs: the prompt (here the query), ``Negative prompt:``,
-    then ``Steps: ..., CFG scale: ..., Seed: ..., Size: WxH, Model: ...`` and ddsedit's own fields."""
+    then ``Steps: ..., CFG scale: ..., Seed: ..., Size: WxH, Model: ...`` (``VAE: ...`` if one was given) and
+    ddsedit's own fields."""
     fields: dict[str, Any] = {
         "Steps": parameters["steps"],
         "CFG scale": parameters["guidance"],
         "Seed": parameters["seed"],
         "Size": f"{size[0]}x{size[1]}",
         "Model": parameters.get("model", ""),
-        "Method": parameters["method"],
     }
+    if parameters.get("vae"):
+        fields["VAE"] = parameters["vae"]
+    fields["Method"] = parameters["method"]
     if parameters.get("ref"):
         fields["Ref prompt"] = parameters["ref"]
     fields.update({"Learning rate": parameters["lr"], "Timesteps": f"{parameters['t_min']}-{parameters['t_max'] - 1}"})
