@@ -42,7 +42,7 @@ tar -C "$EVAL_DIR" -cf "$OUT/eval.tar" .
 # BENCH_SECONDS=0 / TUNE_SECONDS=0 skip a step (`timeout 0` would mean no limit at all)
 if [ "${BENCH_SECONDS:-240}" -gt 0 ]; then
   mkdir -p /tmp/bench
-  OUT=/tmp/bench timeout "${BENCH_SECONDS:-240}" bash benchmarks/gpu_check.sh 2>&1 | tail -40 > /tmp/bench/log.txt
+  OUT=/tmp/bench timeout "${BENCH_SECONDS:-240}" bash benchmarks/gpu_check.sh sd15 2>&1 | tail -40 > /tmp/bench/log.txt
   tar -C /tmp -cf "$OUT/bench.tar" bench
   cat /tmp/bench/*.txt
 fi

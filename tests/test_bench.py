@@ -100,3 +100,16 @@ def test_the_sdxl_unet_is_benchmarked_with_its_added_conditioning(tmp_path, caps
     report = json.loads(report_path.read_text())
     engine = next(loop for loop in report["loops"] if loop["name"] == "ddsedit")
     assert engine["first_gradient_cosine"] > 0.9999 and engine["final_latent_relative_error"] < 1e-3
+
+
+def test_whole_edit_memory_benchmark_runs_on_the_tiny_sdxl(tmp_path, capsys) -> None:
+    """bench_memory loads the model as the CLI does (text encoders freed) and runs one edit per setting."""
+    from benchmarks import bench_memory
+
+    report_path = tmp_path / "memory.json"
+    bench_memory.main(["--arch", "tiny-sdxl", "--size", "32", "--device", "cpu", "--steps", "2",
+                       "--json", str(report_path)])  # fmt: skip
+    assert "| cpu-offload |" in capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    assert [row["setting"] for row in report["results"]] == ["plain", "cpu-offload"]
+    assert all(row["peak_mib"] >= row["edit_peak_mib"] > 0 and row["edit_seconds"] > 0 for row in report["results"])

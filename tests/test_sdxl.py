@@ -329,3 +329,13 @@ def test_a_folder_with_only_fp16_variant_weights_loads(tiny_sdxl_dir: Path, tmp_
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         ours, theirs = getattr(components, name).state_dict(), getattr(reference, name).state_dict()
         assert all(torch.equal(ours[key], theirs[key]) for key in theirs), name
+
+
+def test_a_v_prediction_sdxl_model_is_read_from_its_scheduler_config(tmp_path: Path) -> None:
+    from ddsedit.tiny import build_tiny_sdxl_pipeline
+
+    folder = build_tiny_sdxl_pipeline(tmp_path / "xl-v", prediction_type="v_prediction")
+    editor = Editor.from_pretrained(folder, device="cpu")
+    result = editor.edit(Image.new("RGB", (32, 32), "white"), "dds", "a red circle", ref="a white circle",
+                         config=editor.config(steps=2, seed=0))  # fmt: skip
+    assert result.parameters["prediction_type"] == "v_prediction" and result.parameters["model_family"] == "sdxl"
