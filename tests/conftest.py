@@ -43,6 +43,39 @@ def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SD3-layout pipeline (two CLIPs with projections, T5, flow-matching transformer)."""
+    from ddsedit.tiny import build_tiny_sd3_pipeline
+
+    return build_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny-sd3") / "tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_no_t5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD3 pipeline without T5 (text_encoder_3 and tokenizer_3 null in its model_index.json)."""
+    from ddsedit.tiny import build_tiny_sd3_pipeline
+
+    return build_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny-sd3-no-t5") / "tiny-sd3-no-t5", with_t5=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Flux.1-dev-like pipeline (guidance embedding, resolution-dependent shift)."""
+    from ddsedit.tiny import build_tiny_flux_pipeline
+
+    return build_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux") / "tiny-flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Flux.1-schnell-like pipeline (no guidance embedding, no shift)."""
+    from ddsedit.tiny import build_tiny_flux_pipeline
+
+    return build_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux-schnell") / "tiny-flux-schnell",
+                                    guidance_embeds=False)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def tiny_editor(tiny_model_dir: Path):
     from ddsedit.editor import Editor
 

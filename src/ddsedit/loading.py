@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ddsedit.errors import InputError, ModelError
-from ddsedit.families import DEFAULT_FAMILY, FAMILIES, Family, family_of_pipeline
+from ddsedit.families import DEFAULT_FAMILY, FAMILIES, VELOCITY, Family, family_of_pipeline
 from ddsedit.formats import PICKLE_SUFFIXES
 from ddsedit.names import DEFAULT_PREDICTION_TYPE, PREDICTION_TYPES
 
@@ -55,11 +55,11 @@ SDXL_REFINER_MESSAGE = (
 class ModelComponents:
     """The parts of a pipeline that editing needs, plus where they came from."""
 
-    unet: Any
+    unet: Any  # the denoiser: a UNet, or a flow family's transformer
     vae: Any
     text_encoder: Any
     tokenizer: Any
-    alphas_cumprod: Any  # torch.Tensor [num_train_timesteps], fp32
+    alphas_cumprod: Any  # torch.Tensor [num_train_timesteps], fp32; None for flow-matching families
     prediction_type: str
     source: str  # how the user named the model
     identity: str = ""  # the resolved model (see model_identity): what outputs record and batch resume compares
@@ -68,8 +68,12 @@ class ModelComponents:
     scheduler_config: dict[str, Any] = field(default_factory=dict)  # the scheduler's config (PDS's grid)
     betas: Any = None  # torch.Tensor [num_train_timesteps], the one-step betas (PDS's posterior)
     family: Family = field(default_factory=lambda: FAMILIES[DEFAULT_FAMILY])
-    text_encoder_2: Any = None  # SDXL's second text encoder (with projection) and its tokenizer
+    text_encoder_2: Any = None  # SDXL's and SD3's second text encoder (with projection), Flux's T5; tokenizer
     tokenizer_2: Any = None
+    text_encoder_3: Any = None  # SD3's T5 and its tokenizer
+    tokenizer_3: Any = None
+    # The family's text encoders this model has none of (SD3 loaded without T5), as against freed ones.
+    absent_text_encoders: tuple[str, ...] = ()
     pipeline_config: dict[str, Any] = field(default_factory=dict)  # model_index.json's settings (not components)
     vae_identity: str | None = None  # the VAE given in place of the model's own (see model_identity), if any
 
@@ -80,7 +84,10 @@ class ModelComponents:
 
     @property
     def text_encoders_loaded(self) -> bool:
-        return all(getattr(self, name) is not None for name in self.family.text_encoders)
+        return all(
+            getattr(self, name) is not None for name in self.family.text_encoders
+            if name not in self.absent_text_encoders
+        )  # fmt: skip
 
     @property
     def vae_scale_factor(self) -> int:
@@ -89,6 +96,8 @@ class ModelComponents:
 
     @property
     def num_train_timesteps(self) -> int:
+        if self.alphas_cumprod is None:  # a flow scheduler
+            return int(self.scheduler_config.get("num_train_timesteps", 1000))
         return int(self.alphas_cumprod.shape[0])
 
 
@@ -378,6 +387,58 @@ def load_sdxl_folder(folder: Path, torch_dtype) -> dict[str, Any]:
     return parts
 
 
+def _pretrained(model_class: Any, folder: Path, name: str, torch_dtype) -> Any:
+    """A component's weights from its subfolder, in ``torch_dtype``, from the fp16 variant if that is all there is."""
+    return model_class.from_pretrained(folder, subfolder=name, torch_dtype=torch_dtype,
+                                       variant=weights_variant(folder / name))  # fmt: skip
+
+
+def load_sd3_folder(folder: Path, torch_dtype) -> dict[str, Any]:
+    """An SD3/SD3.5 diffusers folder: the transformer (as ``unet``, the denoiser's name in ModelComponents), VAE,
+    CLIP-L and CLIP-G (both with projections), T5 and the three tokenizers, and the flow-matching scheduler.
+
+    T5 is optional, as in the pipeline: a folder without ``text_encoder_3/`` (left out of a download to save
+    memory, or saved from a pipeline loaded without it) gives ``text_encoder_3`` and ``tokenizer_3`` None.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    loaders = {
+        "transformer": lambda name: _pretrained(SD3Transformer2DModel, folder, name, torch_dtype),
+        "vae": lambda name: _pretrained(AutoencoderKL, folder, name, torch_dtype),
+        "text_encoder": lambda name: _pretrained(CLIPTextModelWithProjection, folder, name, torch_dtype),
+        "text_encoder_2": lambda name: _pretrained(CLIPTextModelWithProjection, folder, name, torch_dtype),
+        "tokenizer": lambda name: CLIPTokenizer.from_pretrained(folder, subfolder=name),
+        "tokenizer_2": lambda name: CLIPTokenizer.from_pretrained(folder, subfolder=name),
+        "scheduler": lambda name: FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder=name),
+    }
+    if (folder / "text_encoder_3").is_dir():
+        loaders["text_encoder_3"] = lambda name: _pretrained(T5EncoderModel, folder, name, torch_dtype)
+        loaders["tokenizer_3"] = lambda name: T5TokenizerFast.from_pretrained(folder, subfolder=name)
+    parts = {"text_encoder_3": None, "tokenizer_3": None, **_load_components(folder, "Stable Diffusion 3", loaders)}
+    parts["unet"] = parts.pop("transformer")
+    return parts
+
+
+def load_flux_folder(folder: Path, torch_dtype) -> dict[str, Any]:
+    """A Flux.1 diffusers folder: the transformer (as ``unet``), VAE, CLIP-L (its pooled output only) and T5 with
+    their tokenizers, and the flow-matching scheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    parts = _load_components(folder, "Flux.1", {
+        "transformer": lambda name: _pretrained(FluxTransformer2DModel, folder, name, torch_dtype),
+        "vae": lambda name: _pretrained(AutoencoderKL, folder, name, torch_dtype),
+        "text_encoder": lambda name: _pretrained(CLIPTextModel, folder, name, torch_dtype),
+        "text_encoder_2": lambda name: _pretrained(T5EncoderModel, folder, name, torch_dtype),
+        "tokenizer": lambda name: CLIPTokenizer.from_pretrained(folder, subfolder=name),
+        "tokenizer_2": lambda name: T5TokenizerFast.from_pretrained(folder, subfolder=name),
+        "scheduler": lambda name: FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder=name),
+    })  # fmt: skip
+    parts["unet"] = parts.pop("transformer")
+    return parts
+
+
 def load_vae(vae: str | os.PathLike, vae_config: dict[str, Any], torch_dtype, allow_pickle: bool = False) -> Any:
     """A VAE to use in place of the model's own: a diffusers VAE folder (``config.json`` inside, or a model
     folder with ``vae/``), a single file (original or diffusers layout, read with the model's VAE config), or
@@ -458,14 +519,20 @@ def load_model(
 
         check_sdxl_unet(parts["unet"], parts["text_encoder_2"])
     scheduler_config = parts["scheduler"].config
-    chosen_prediction_type = prediction_type or scheduler_config.get("prediction_type", DEFAULT_PREDICTION_TYPE)
-    if chosen_prediction_type not in PREDICTION_TYPES:
-        raise ModelError(f"unsupported prediction type {chosen_prediction_type!r} in the model's scheduler")
+    if family.prediction == VELOCITY:  # flow matching: the scheduler has no prediction type, nor alphas
+        if prediction_type is not None:
+            raise InputError(f"{family.label} models predict a flow velocity: --prediction-type does not apply")
+        chosen_prediction_type = VELOCITY
+    else:
+        chosen_prediction_type = prediction_type or scheduler_config.get("prediction_type", DEFAULT_PREDICTION_TYPE)
+        if chosen_prediction_type not in PREDICTION_TYPES:
+            raise ModelError(f"unsupported prediction type {chosen_prediction_type!r} in the model's scheduler")
     import torch
 
     if family.vae_force_upcast and parts["vae"].config.get("force_upcast") and torch_dtype == torch.float16:
         parts["vae"].to(torch.float32)
-    for module_name in ("unet", "vae", *family.text_encoders):
+    absent = tuple(name for name in family.text_encoders if parts.get(name) is None)  # SD3 without T5
+    for module_name in ("unet", "vae", *(name for name in family.text_encoders if name not in absent)):
         module = parts[module_name]
         module.requires_grad_(False)
         module.eval()
@@ -482,21 +549,30 @@ def load_model(
         vae=parts["vae"],
         text_encoder=parts["text_encoder"],
         tokenizer=parts["tokenizer"],
-        alphas_cumprod=parts["scheduler"].alphas_cumprod.float(),
+        alphas_cumprod=_schedule_tensor(parts["scheduler"], "alphas_cumprod"),
         prediction_type=chosen_prediction_type,
         source=str(model if model is not None else default_model()),
         identity=model_identity(model, kind, path),
         defaults=defaults,
         defaults_source=defaults_source,
         scheduler_config=dict(scheduler_config),
-        betas=parts["scheduler"].betas.float(),
+        betas=_schedule_tensor(parts["scheduler"], "betas"),
         family=family,
         text_encoder_2=parts.get("text_encoder_2"),
         tokenizer_2=parts.get("tokenizer_2"),
+        text_encoder_3=parts.get("text_encoder_3"),
+        tokenizer_3=parts.get("tokenizer_3"),
+        absent_text_encoders=absent,
         pipeline_config=dict(parts.get("pipeline_config") or {}),
         vae_identity=vae_identity,
     )
     return components, torch_device, torch_dtype
+
+
+def _schedule_tensor(scheduler: Any, name: str) -> Any:
+    """A DDPM-style scheduler's ``alphas_cumprod`` or ``betas`` in fp32; None for a flow scheduler, which has none."""
+    values = getattr(scheduler, name, None)
+    return None if values is None else values.float()
 
 
 def vae_identity_of(vae: str | os.PathLike) -> str:

@@ -1,6 +1,7 @@
-"""Word-level CLIP tokenizers: a CLIPTokenizer in which every given word is one token.
+"""Word-level CLIP tokenizers: a CLIPTokenizer in which every given word is one token; and the T5 tokenizer
+of the tiny SD3 and Flux pipelines, built the same way (:func:`build_t5_tokenizer`).
 
-The one builder of the small models' tokenizers: the tiny test pipeline's (`ddsedit.tiny`) and the
+The one builder of the small models' tokenizers: the tiny test pipelines' (`ddsedit.tiny`) and the
 bundled shapes model's (built by ``shapes_training`` from the shapes world's words).
 
 CLIP's tokenizer is byte-level BPE whose word-final symbols carry a ``</w>`` suffix. The vocabulary
@@ -20,7 +21,7 @@ import json
 import string
 from pathlib import Path
 
-from transformers import CLIPTokenizer
+from transformers import CLIPTokenizer, T5TokenizerFast
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -90,3 +91,23 @@ def save_tokenizer(tok: CLIPTokenizer, folder: str) -> None:
     Path(folder, "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     Path(folder, "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+T5_SPACE = "\u2581"  # SentencePiece's word-start mark, which T5's tokenizer puts before every word
+T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as T5's config expects (pad 0, eos 1)
+
+
+def build_t5_tokenizer(words: tuple[str, ...]) -> T5TokenizerFast:
+    """A T5 tokenizer (SentencePiece-style Unigram, ``</s>`` appended, ``<pad>`` padding) where each of ``words``
+    is one token; an unknown word still tokenizes, letter by letter. Built offline: real T5 tokenizers are
+    downloaded, and the tiny pipelines must build without a network."""
+    letters = string.ascii_lowercase + string.digits + ",.!?'-:;"
+    vocab = [(token, 0.0) for token in T5_SPECIAL_TOKENS] + [(T5_SPACE, -2.0)]
+    vocab += [(letter, -5.0) for letter in letters]  # a spelled-out word scores below any whole word
+    vocab += [(T5_SPACE + word, -1.0) for word in words]
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0)
+    for word in words:
+        ids = tokenizer(word).input_ids
+        assert len(ids) == 2 and ids[-1] == tokenizer.eos_token_id, (word, ids)
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1), "special tokens"
+    return tokenizer
