@@ -133,25 +133,17 @@ def build_tiny_sdxl_pipeline(
     import diffusers
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from ddsedit.wordtokenizer import build_tokenizer, save_tokenizer
+    from ddsedit.wordtokenizer import build_tokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(TINY_WORDS)
 
-    def text_config(layers: int) -> CLIPTextConfig:
-        return CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-            num_attention_heads=4, max_position_embeddings=77, projection_dim=32, hidden_act="gelu",
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )  # fmt: skip
-
-    text_encoder = CLIPTextModel(text_config(2))
-    text_encoder_2 = CLIPTextModelWithProjection(text_config(3))
+    text_encoder = CLIPTextModel(_clip_text_config(tokenizer, 2))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer, 3))
     time_embed_dim = 8
     unet = UNet2DConditionModel(
         sample_size=16,
@@ -192,20 +184,14 @@ def build_tiny_sdxl_pipeline(
         steps_offset=1,
         timestep_spacing="leading",
     )
-    unet.save_pretrained(folder / "unet")
-    vae.save_pretrained(folder / "vae")
-    text_encoder.save_pretrained(folder / "text_encoder")
-    text_encoder_2.save_pretrained(folder / "text_encoder_2")
-    save_tokenizer(tokenizer, str(folder / "tokenizer"))
-    save_tokenizer(tokenizer, str(folder / "tokenizer_2"))
-    scheduler.save_pretrained(folder / "scheduler")
-    index = sdxl_model_index(diffusers.__version__, force_zeros_for_empty_prompt)
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    (folder / "ddsedit.json").write_text(json.dumps({"size": 32}, indent=2))
-    return folder
+    components = {
+        "unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
+        "tokenizer": tokenizer, "tokenizer_2": tokenizer, "scheduler": scheduler,
+    }  # fmt: skip
+    return _save_components(folder, components, sdxl_model_index(diffusers.__version__, force_zeros_for_empty_prompt))
 
 
-# --------------------------------------------------------------------------- flow-matching models (SD3, Flux)
+# --------------------------------------------------------------------------- what SDXL, SD3 and Flux builders share
 
 
 def _clip_text_config(tokenizer, layers: int):
@@ -258,6 +244,9 @@ def _save_components(folder: Path, components: dict, index: dict) -> Path:
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     (folder / "ddsedit.json").write_text(json.dumps({"size": 32}, indent=2))  # a tiny model works on tiny images
     return folder
+
+
+# --------------------------------------------------------------------------- flow-matching models (SD3, Flux)
 
 
 def sd3_model_index(diffusers_version: str, with_t5: bool = True) -> dict:
