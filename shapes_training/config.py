@@ -1,9 +1,13 @@
-"""Typed configuration of the shapes model: architecture and training, with the named presets.
+"""Typed configuration of the shapes models: architecture and training, with the named presets.
 
-`tiny` runs every phase for a few steps in seconds (tests); `default` is the real run, sized for
-about 45 minutes on one CPU thread (`--threads 1`): VAE ~7 min, latent pool ~1.5 min, UNet ~35 min;
-`gpu` trains the same architecture's UNet far longer on a GPU; `finetune` continues a finished
-model's UNet and text encoder (``--init-model``) on CPU.
+The UNet model (`TrainConfig`, `CONFIGS`, trained by ``shapes_training.train``): `tiny` runs every phase
+for a few steps in seconds (tests); `default` is the real run, sized for about 45 minutes on one CPU
+thread (`--threads 1`): VAE ~7 min, latent pool ~1.5 min, UNet ~35 min; `gpu` trains the same
+architecture's UNet far longer on a GPU; `finetune` continues a finished model's UNet and text encoder
+(``--init-model``) on CPU.
+
+The flow model `shapes-flow` (`FlowTrainConfig`, `FLOW_CONFIGS`, trained by ``shapes_training.train_flow``):
+the SD3 layout on the shapes model's VAE and text encoder; `tiny` for tests, `default` the real CPU run.
 """
 
 from __future__ import annotations
@@ -149,3 +153,88 @@ def finetune() -> TrainConfig:
 
 
 CONFIGS = {"tiny": tiny, "default": default, "gpu": gpu, "finetune": finetune}
+
+
+# ---------------------------------------------------------------------------- shapes-flow (SD3 layout)
+@dataclass
+class TransformerConfig:
+    """SD3Transformer2DModel on 16x16x4 latents: 2x2 patches make 64 image tokens.
+
+    The default (inner width 128 = 4 heads x 32, 4 joint blocks, 2.33 M parameters, 4.7 MB in fp16) is sized
+    by the resumable checkpoint (< 25 MB at 8 bytes a parameter, ``shapes_training.compact``; 18.8 MB), not by
+    the 20 MB export (8.3 MB in all): SD3's adaLN-Zero modulations make a block 36 x width^2 parameters, so 5
+    blocks would fill the checkpoint to 23.6 MB and 6 blocks (28 MB) or width 192 (41 MB) would not fit.
+    """
+
+    layers: int = 4
+    heads: int = 4
+    head_dim: int = 32
+    patch_size: int = 2
+
+
+@dataclass
+class FlowTrainConfig:
+    """All settings of a shapes-flow run; stored in checkpoints so that --resume can check them.
+
+    The VAE, the tokenizer and the text encoder come from `source_model` (frozen: the checkpoint holds
+    only the transformer's training state). SD3's pipeline conditions on two CLIP encoders' penultimate
+    hidden states; both are made from the source's encoder (``shapes_training.flow_text``).
+    """
+
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    seed: int = 0
+    source_model: str = "shapes"  # a bundled model's name or a shapes model folder: VAE, tokenizer, text encoder
+    # The SD3 pipeline appends max_sequence_length (default 256) zero rows for the absent T5 encoder; the model
+    # is trained with exactly that many (folded into one, shapes_training.folded_attention), so it expects them.
+    t5_tokens: int = 256
+    # FlowMatchEulerDiscreteScheduler's shift: 1.0, no shift. SD3's 3.0 moves 1024 px sampling towards noise
+    # because large images keep their layout under more noise; a 64 px image (64 tokens) has no such excess.
+    scheduler_shift: float = 1.0
+    pool_size: int = 16384  # images encoded once (the UNet run's pool: same VAE, same seed)
+    transformer_steps: int = 12000  # ~2.5 h at 0.73 s a step (batch 32, one thread, 2 shared cores)
+    batch: int = 32
+    lr: float = 5e-4
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.05  # cosine decays the learning rate to this fraction of its peak
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    # flow times t (the scheduler's sigma) drawn logit-normal, as SD3 trained ("rf/lognorm(0.00, 1.00)")
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    loss_weighting: str = "none"  # diffusers' compute_loss_weighting_for_sd3: "none", "sigma_sqrt" or "cosmap"
+    empty_caption_prob: float = 0.1
+    short_caption_prob: float = 0.25
+    # bookkeeping
+    checkpoint_every: int = 250  # also where a run may stop (--stop-after, --stop-minutes): see compact.py
+    log_every: int = 50
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FlowTrainConfig:
+        d = dict(d)
+        d["transformer"] = TransformerConfig(**d["transformer"])
+        return cls(**d)
+
+
+def tiny_flow() -> FlowTrainConfig:
+    """Every phase for a few steps on a very small transformer: seconds, for tests."""
+    return FlowTrainConfig(
+        transformer=TransformerConfig(layers=2, heads=2, head_dim=8),
+        pool_size=32,
+        transformer_steps=6,
+        batch=4,
+        warmup_steps=2,
+        checkpoint_every=2,
+        log_every=1,
+    )
+
+
+def default_flow() -> FlowTrainConfig:
+    """The real run on CPU."""
+    return FlowTrainConfig()
+
+
+FLOW_CONFIGS = {"tiny": tiny_flow, "default": default_flow}

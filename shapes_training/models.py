@@ -1,14 +1,21 @@
-"""Build the untrained components of the shapes pipeline (VAE, text encoder, UNet, scheduler) from config."""
+"""Build the untrained components of the shapes pipelines from config: VAE, text encoder, UNet and DDPM scheduler;
+for shapes-flow the SD3 transformer and the flow-matching scheduler."""
 
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ddsedit.shapes.world import IMAGE_SIZE
 from ddsedit.wordtokenizer import MAX_LENGTH
-from shapes_training.config import TextConfig, UNetConfig, VAEConfig
+from shapes_training.config import TextConfig, TransformerConfig, UNetConfig, VAEConfig
 
 
 def build_vae(cfg: VAEConfig) -> AutoencoderKL:
@@ -85,3 +92,42 @@ def build_scheduler() -> DDPMScheduler:
         clip_sample=False,
         steps_offset=1,
     )
+
+
+def build_transformer(
+    cfg: TransformerConfig, latent_channels: int, latent_size: int, joint_attention_dim: int, pooled_dim: int
+) -> SD3Transformer2DModel:
+    """SD3Transformer2DModel with adaLN-Zero initialisation (DiT's): every block starts as the identity.
+
+    diffusers leaves the modulation layers at PyTorch's default initialisation; DiT (Peebles and Xie, 2023)
+    found zeroing them, and the output projection, trains better from scratch. The positional embedding is
+    SD3's cropped one, sized to the latents exactly (``pos_embed_max_size`` in patches).
+    """
+    width = cfg.heads * cfg.head_dim
+    transformer = SD3Transformer2DModel(
+        sample_size=latent_size,
+        patch_size=cfg.patch_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        num_layers=cfg.layers,
+        attention_head_dim=cfg.head_dim,
+        num_attention_heads=cfg.heads,
+        joint_attention_dim=joint_attention_dim,
+        caption_projection_dim=width,
+        pooled_projection_dim=pooled_dim,
+        pos_embed_max_size=latent_size // cfg.patch_size,
+    )
+    with torch.no_grad():
+        for block in transformer.transformer_blocks:
+            for norm in (block.norm1, block.norm1_context):
+                norm.linear.weight.zero_()
+                norm.linear.bias.zero_()
+        for layer in (transformer.norm_out.linear, transformer.proj_out):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    return transformer
+
+
+def build_flow_scheduler(shift: float) -> FlowMatchEulerDiscreteScheduler:
+    """SD3's flow-matching Euler scheduler, 1000 training steps, the given shift, no resolution-dependent shift."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)

@@ -7,6 +7,10 @@
 * Generation: sample `n` images with DDIM and classifier-free guidance for captions cycling through
   every full caption, then read each image's background, shape colour and shape back (`metrics`).
   Targets: colour right >= 90 %, shape right >= 80 %.
+
+A shapes-flow folder (SD3 layout, ``model_index.json`` of a StableDiffusion3Pipeline) is run by diffusers' own
+StableDiffusion3Pipeline instead (flow-matching Euler, its classifier-free guidance, its decoding with the VAE's
+shift_factor), and scored the same way. Its target (issue #22): colour and shape right >= 90 %.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusion3Pipeline, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ddsedit.shapes import metrics
 from ddsedit.shapes.world import BACKGROUNDS, COLOURS, SHAPES, make_caption, render_array, sample_case
 from ddsedit.wordtokenizer import MAX_LENGTH
+from shapes_training.export import load_flow_pipeline
 
 
 @dataclass
@@ -55,6 +60,11 @@ class Pipeline:
         return self.text_encoder(ids)[0]
 
     @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled latents (posterior means)."""
+        return self.vae.encode(images).latent_dist.mean * self.vae.config.scaling_factor
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Scaled latents -> uint8 (N, 64, 64, 3) images."""
         images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
@@ -75,15 +85,56 @@ class Pipeline:
         return self.decode(latents)
 
 
-def vae_report(pipe: Pipeline, n: int = 256, seed: int = 1234) -> dict[str, float]:
+@dataclass
+class FlowPipeline:
+    """A shapes-flow folder in diffusers' own StableDiffusion3Pipeline (float32)."""
+
+    pipe: StableDiffusion3Pipeline
+
+    @classmethod
+    def load(cls, folder: Path) -> FlowPipeline:
+        pipe = load_flow_pipeline(folder)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe)
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.pipe.vae
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the transformer's latents, (mean - shift_factor) * scaling_factor."""
+        c = self.vae.config
+        return (self.vae.encode(images).latent_dist.mean - c.shift_factor) * c.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """The transformer's latents -> uint8 (N, 64, 64, 3) images, decoded as the SD3 pipeline decodes."""
+        c = self.vae.config
+        images = self.vae.decode(latents / c.scaling_factor + c.shift_factor).sample
+        return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+    @torch.no_grad()
+    def generate(self, captions: list[str], steps: int, guidance: float, gen: torch.Generator) -> np.ndarray:
+        """The pipeline's own sampling (negative prompt "", as at training's empty captions); uint8 images."""
+        images = self.pipe(prompt=captions, num_inference_steps=steps, guidance_scale=guidance, generator=gen,
+                           output_type="np").images
+        return (images * 255).round().astype(np.uint8)
+
+
+def load_pipeline(folder: Path) -> Pipeline | FlowPipeline:
+    """The folder's pipeline: shapes-flow when its model_index names StableDiffusion3Pipeline, else the UNet one."""
+    index = json.loads((folder / "model_index.json").read_text())
+    return FlowPipeline.load(folder) if index["_class_name"] == "StableDiffusion3Pipeline" else Pipeline.load(folder)
+
+
+def vae_report(pipe: Pipeline | FlowPipeline, n: int = 256, seed: int = 1234) -> dict[str, float]:
     """Round trip `n` fresh world images through the VAE (posterior mean) and measure what survives."""
     rng = np.random.default_rng(seed)
     cases = [sample_case(rng) for _ in range(n)]
     rendered = [render_array(c) for c in cases]
     images = torch.from_numpy(np.stack([r[0] for r in rendered])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    with torch.no_grad():
-        latents = pipe.vae.encode(images).latent_dist.mean * pipe.vae.config.scaling_factor
-    decoded = pipe.decode(latents)
+    decoded = pipe.decode(pipe.encode(images))
     ious, dots, bg = [], [], []
     for case, (img, mask, _), out in zip(cases, rendered, decoded, strict=True):
         ious.append(metrics.iou(metrics.colour_mask(out, case.colour, case.background), mask))
@@ -95,7 +146,7 @@ def vae_report(pipe: Pipeline, n: int = 256, seed: int = 1234) -> dict[str, floa
 
 
 def generation_report(
-    pipe: Pipeline, n: int = 40, steps: int = 40, guidance: float = 6.0, seed: int = 0, batch: int = 20
+    pipe: Pipeline | FlowPipeline, n: int = 40, steps: int = 40, guidance: float = 6.0, seed: int = 0, batch: int = 20
 ) -> tuple[dict[str, Any], np.ndarray, list[str]]:
     """Generate `n` images for captions cycling through all full captions; score colour, shape, background."""
     wanted = [(c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS]
@@ -131,7 +182,7 @@ def save_grid(images: np.ndarray, path: Path, cols: int = 10, scale: int = 2) ->
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m shapes_training.sanity", description=__doc__.split("\n")[0])
-    parser.add_argument("folder", type=Path, help="a pipeline folder written by shapes_training.train")
+    parser.add_argument("folder", type=Path, help="a folder written by shapes_training.train or .train_flow")
     parser.add_argument("--n", type=int, default=40)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--guidance", type=float, default=6.0)
@@ -141,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    pipe = Pipeline.load(args.folder)
+    pipe = load_pipeline(args.folder)
     result: dict[str, Any] = {"vae": vae_report(pipe)}
     gen, images, captions = generation_report(pipe, args.n, args.steps, args.guidance, args.seed)
     result["generation"] = gen
