@@ -355,19 +355,21 @@ def weights_variant(folder: Path) -> str | None:
     return None
 
 
+def _pretrained(model_class: Any, folder: Path, name: str, torch_dtype) -> Any:
+    """A component's weights from its subfolder, in ``torch_dtype``, from the fp16 variant if that is all there is."""
+    return model_class.from_pretrained(folder, subfolder=name, torch_dtype=torch_dtype,
+                                       variant=weights_variant(folder / name))  # fmt: skip
+
+
 def load_sd_folder(folder: Path, torch_dtype) -> dict[str, Any]:
     """An SD 1.x/2.x diffusers folder's UNet, VAE, text encoder, tokenizer and noise schedule."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    def pretrained(model_class: Any, name: str) -> Any:
-        return model_class.from_pretrained(folder, subfolder=name, torch_dtype=torch_dtype,
-                                           variant=weights_variant(folder / name))  # fmt: skip
-
     return _load_components(folder, "Stable Diffusion", {
-        "unet": lambda name: pretrained(UNet2DConditionModel, name),
-        "vae": lambda name: pretrained(AutoencoderKL, name),
-        "text_encoder": lambda name: pretrained(CLIPTextModel, name),
+        "unet": lambda name: _pretrained(UNet2DConditionModel, folder, name, torch_dtype),
+        "vae": lambda name: _pretrained(AutoencoderKL, folder, name, torch_dtype),
+        "text_encoder": lambda name: _pretrained(CLIPTextModel, folder, name, torch_dtype),
         "tokenizer": lambda name: CLIPTokenizer.from_pretrained(folder, subfolder=name),
         # The noise schedule only: DDPMScheduler reads any of these schedulers' configs (PNDM, DDIM, Euler...).
         "scheduler": lambda name: DDPMScheduler.from_pretrained(folder, subfolder=name),
@@ -380,17 +382,10 @@ def load_sdxl_folder(folder: Path, torch_dtype) -> dict[str, Any]:
 
     parts = load_sd_folder(folder, torch_dtype)
     parts.update(_load_components(folder, "Stable Diffusion XL", {
-        "text_encoder_2": lambda name: CLIPTextModelWithProjection.from_pretrained(
-            folder, subfolder=name, torch_dtype=torch_dtype, variant=weights_variant(folder / name)),
+        "text_encoder_2": lambda name: _pretrained(CLIPTextModelWithProjection, folder, name, torch_dtype),
         "tokenizer_2": lambda name: CLIPTokenizer.from_pretrained(folder, subfolder=name),
     }))  # fmt: skip
     return parts
-
-
-def _pretrained(model_class: Any, folder: Path, name: str, torch_dtype) -> Any:
-    """A component's weights from its subfolder, in ``torch_dtype``, from the fp16 variant if that is all there is."""
-    return model_class.from_pretrained(folder, subfolder=name, torch_dtype=torch_dtype,
-                                       variant=weights_variant(folder / name))  # fmt: skip
 
 
 def load_sd3_folder(folder: Path, torch_dtype) -> dict[str, Any]:
