@@ -14,6 +14,8 @@ fetches the matching diffusers configs from the Hugging Face Hub; ddsedit ships 
 * ``sd2-v`` - stabilityai/stable-diffusion-2-1 (OpenCLIP ViT-H/14, v-prediction, 768);
 * ``sdxl``  - stabilityai/stable-diffusion-xl-base-1.0 (CLIP ViT-L/14 + OpenCLIP ViT-bigG/14, epsilon, 1024);
 * ``sdxl-v`` - the same with a v-prediction scheduler, for v-prediction SDXL fine-tunes;
+* ``sd3-medium``, ``flux-dev`` - only the transformer and scheduler of stabilityai/stable-diffusion-3-medium and
+  black-forest-labs/FLUX.1-dev, for ``benchmarks/bench_flow.py`` (no single-file loading reads them);
 * ``clip_bpe`` - the byte-level BPE vocabulary and merges that all the tokenizers use (gzipped;
   ``scripts/make_clip_bpe.py`` derives them from OpenAI's published merge list).
 
