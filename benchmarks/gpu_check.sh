@@ -7,7 +7,12 @@
 #                                       # references, CUDA graph, the methods, then whole edits' peak memory plain
 #                                       # and with --cpu-offload (targets: >= 1.4x the two-call fp32 reference,
 #                                       # >= 1.2x the batch-4 autocast one, peak <= 14 GiB, offload <= 8 GiB)
-#   bash benchmarks/gpu_check.sh        # both, sd15 first
+#   bash benchmarks/gpu_check.sh flow   # FlowEdit edits at 1024x1024 in bf16 (added 2026-12-02, untimed): Flux.1-dev
+#                                       # (24 active steps of 28, 2 transformer samples a step) and SD3-medium (33 of 50,
+#                                       # 4 a step: CFG on both branches), random weights, text encoders not loaded
+#                                       # (T5 freed after encoding), each against its FLOP floor at 989 TFLOP/s (targets:
+#                                       # Flux-dev <= 10 s and peak <= 30 GiB, SD3-medium <= 3 s, each <= 1.3x its floor)
+#   bash benchmarks/gpu_check.sh        # every group: sd15, sdxl, flow
 # Figures -> $OUT or ./bench-out. The rows most worth having come first in each group, in case time runs out.
 # Runs from a checkout without installing: ddsedit is taken from src/ unless it is already installed.
 set -uo pipefail
@@ -35,4 +40,10 @@ if [ "$GROUP" = sdxl ] || [ "$GROUP" = all ]; then
   bench_xl sdxl-fp16-graph --dtype fp16 --steps 10 --warmup 2 --cuda-graph --loops ddsedit
   bench_xl sdxl-fp16-methods --dtype fp16 --steps 5 --warmup 1 --loops ddsedit ddsedit-cds ddsedit-pds ddsedit-ids ddsedit-ids-cut
   python3 -m benchmarks.bench_memory --arch sdxl --size 1024 --dtype fp16 --steps 20 --json "$OUT/sdxl-memory.json" | tee "$OUT/sdxl-memory.txt"
+fi
+if [ "$GROUP" = flow ] || [ "$GROUP" = all ]; then
+  for arch in flux-dev sd3-medium; do
+    python3 -m benchmarks.bench_flow --arch $arch --size 1024 --dtype bf16 --warmup 1 --repeats 3 \
+      --json "$OUT/$arch-flowedit.json" | tee "$OUT/$arch-flowedit.txt"
+  done
 fi
