@@ -4,10 +4,10 @@
     python -m benchmarks.bench_flow --arch sd3-medium --size 1024 --dtype bf16
     python -m benchmarks.bench_flow --arch tiny-flux --size 32 --device cpu --dtype fp32 --steps 4 --n-max 2
 
-The edit is :func:`ddsedit.flowedit.flowedit` over the model's own sigma schedule, with FlowEdit's authors'
-settings: SD3 integrates 33 of 50 steps, each step one transformer call of 4 rows per image (source
-unconditional and conditional, target unconditional and conditional; CFG 3.5 for the source, 13.5 for the
-target); Flux.1-dev integrates 24 of 28 steps, each one call of 2 rows (source, target) with the guidance
+The edit is the product's FlowEdit (:func:`ddsedit.flowgradients.flowedit_edit`, the sampler ``ddsedit flowedit``
+runs) over the model's own sigma schedule, with FlowEdit's authors' settings: SD3 integrates 33 of 50 steps,
+each step one transformer call of 4 rows per image (source unconditional and conditional, target unconditional
+and conditional; CFG 3.5 for the source, 13.5 for the target); Flux.1-dev integrates 24 of 28 steps, each one call of 2 rows (source, target) with the guidance
 embedded (1.5 for the source, 5.5 for the target), no CFG. Timing does not depend on the weights, so the
 transformer has random weights from the shipped configs (``sdxl``'s way, but built in the chosen dtype directly
 on the device: no fp32 copy of 12 B parameters on the CPU first).
@@ -32,7 +32,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,9 +41,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.bench_dds import peak_memory_mib, reset_peak_memory, synchronize
 from ddsedit.conditioning import FLUX_MAX_SEQUENCE_LENGTH, SD3_MAX_SEQUENCE_LENGTH, Conditioning
-from ddsedit.families import FLOW_FAMILIES
-from ddsedit.flowedit import VelocityPair, flowedit
-from ddsedit.flowscores import guided_velocity
+from ddsedit.families import FAMILIES
+from ddsedit.flowgradients import FlowSchedule, flowedit_edit
+from ddsedit.gradients import GradientInputs, PromptEmbeddings
+from ddsedit.methods import FlowEditOptions
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "ddsedit" / "model_configs"
 CLIP_TOKENS = 77  # SD3's two CLIP encoders' sequence, ahead of T5's in its conditioning
@@ -212,36 +212,20 @@ def step_conditioning(arch: FlowArch, prompts: dict[str, Conditioning]) -> Condi
     ])  # fmt: skip
 
 
-def sd3_velocities(call: Callable[..., torch.Tensor], transformer: torch.nn.Module, conditioning: Conditioning,
-                   source_guidance: float, target_guidance: float) -> VelocityPair:  # fmt: skip
-    """FlowEdit's velocity pair on SD3: one call of 4K rows (source point under the unconditional and the source
-    prompt, target point under the unconditional and the target prompt), CFG on each branch."""
-
-    def velocities(source_points: torch.Tensor, target_points: torch.Tensor,
-                   times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        points = torch.cat([source_points, source_points, target_points, target_points])
-        output = call(transformer, points, times.repeat(4), conditioning).float()
-        source_unconditional, source_conditional, target_unconditional, target_conditional = output.chunk(4)
-        return (
-            guided_velocity(source_unconditional, source_conditional, source_guidance),
-            guided_velocity(target_unconditional, target_conditional, target_guidance),
-        )
-
-    return velocities
-
-
-def flux_velocities(call: Callable[..., torch.Tensor], transformer: torch.nn.Module,
-                    conditioning: Conditioning) -> VelocityPair:  # fmt: skip
-    """FlowEdit's velocity pair on Flux-dev: one call of 2K rows (source point under the source prompt, target
-    point under the target prompt), each row's guidance embedded, so the outputs are the guided velocities."""
-
-    def velocities(source_points: torch.Tensor, target_points: torch.Tensor,
-                   times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        output = call(transformer, torch.cat([source_points, target_points]), times.repeat(2), conditioning)
-        source_velocity, target_velocity = output.float().chunk(2)
-        return source_velocity, target_velocity
-
-    return velocities
+def edit_inputs(arch: FlowArch, transformer: torch.nn.Module, source: torch.Tensor,
+                prompts: dict[str, Conditioning], n_max: int) -> GradientInputs:  # fmt: skip
+    """What the product's FlowEdit (:func:`ddsedit.flowgradients.flowedit_edit`) runs on: the transformer, the
+    source latents, the prompts' rows and the authors' guidance, as :class:`ddsedit.editor.Editor` builds them."""
+    family = FAMILIES[arch.family]
+    embeddings = PromptEmbeddings(
+        # Flux has no unconditional call: its rows stand in, unused.
+        unconditional=placed(prompts.get("unconditional", prompts["source"]), source.device, transformer.dtype),
+        source=placed(prompts["source"], source.device, transformer.dtype),
+        target=placed(prompts["target"], source.device, transformer.dtype),
+    )  # fmt: skip
+    options = FlowEditOptions(source_guidance=arch.source_guidance, n_max=n_max)
+    return GradientInputs(transformer, source.float(), embeddings, None, "velocity", arch.target_guidance, options,
+                          [], family.function("call_denoiser"), true_cfg=family.true_cfg)  # fmt: skip
 
 
 def count_step_flops(model: FlowModel, arch: FlowArch, count: int, latent_side: int, dtype: torch.dtype) -> int:
@@ -257,7 +241,7 @@ def count_step_flops(model: FlowModel, arch: FlowArch, count: int, latent_side: 
     rows = len(conditioning)
     latents = torch.empty((rows, model.latent_channels, latent_side, latent_side), device=meta)
     times = torch.full((rows,), 0.5, device=meta)
-    call = FLOW_FAMILIES[model.family].function("call_denoiser")
+    call = FAMILIES[model.family].function("call_denoiser")
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         call(transformer, latents, times, conditioning)
     return int(counter.get_total_flops())
@@ -272,7 +256,7 @@ def run(args: argparse.Namespace) -> FlowReport:
     steps = args.steps or arch.steps
     n_max = args.n_max or arch.n_max
     model = read_model(arch)
-    family = FLOW_FAMILIES[arch.family]
+    family = FAMILIES[arch.family]
     if args.size % (2 * model.latent_stride):
         raise SystemExit(f"--size must be a multiple of {2 * model.latent_stride} (the VAE's stride times the "
                          "transformer's 2x2 patches)")  # fmt: skip
@@ -284,21 +268,17 @@ def run(args: argparse.Namespace) -> FlowReport:
     generator = torch.Generator().manual_seed(args.seed)
     source = torch.randn((count, model.latent_channels, latent_side, latent_side), generator=generator).to(device)
     prompts = random_prompts(model, count, generator)
-    conditioning = placed(step_conditioning(arch, prompts), device, dtype)
     image_tokens = (latent_side // 2) ** 2  # what the pipelines' resolution-dependent shift is computed from
     sigmas = family.function("flow_sigmas")(model.scheduler_config, steps, image_tokens)
+    schedule = FlowSchedule(sigmas, torch.ones(steps))  # FlowEdit's steps are the sigmas' intervals
 
     transformer = random_transformer(model, device, dtype)
-    call = family.function("call_denoiser")
-    if arch.family == "sd3":
-        velocities = sd3_velocities(call, transformer, conditioning, arch.source_guidance, arch.target_guidance)
-    else:
-        velocities = flux_velocities(call, transformer, conditioning)
+    inputs = edit_inputs(arch, transformer, source, prompts, n_max)
 
     def edit() -> torch.Tensor:
         generators = [torch.Generator(device=device).manual_seed(args.seed + i) for i in range(count)]
         with torch.no_grad():
-            return flowedit(velocities, source, sigmas, n_max, generators)
+            return flowedit_edit(inputs, schedule, generators)
 
     for _ in range(args.warmup):
         edit()

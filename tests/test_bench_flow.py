@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from benchmarks import bench_flow
-from ddsedit.families import FLOW_FAMILIES
+from ddsedit.families import FAMILIES
+from ddsedit.flowgradients import guided_velocities
 from ddsedit.flowscores import guided_velocity
 
 
@@ -43,13 +44,20 @@ def _tiny_transformer(arch_name: str):
     return arch, transformer, prompts, points[:2], points[2:], torch.tensor([0.7, 0.4])
 
 
+def _velocities(arch_name: str, transformer, prompts, source_points, target_points, times, guidances):
+    """The product's batched velocity pair (one call of both branches), on the benchmark's random tiny transformer."""
+    arch = bench_flow.ARCHITECTURES[arch_name]
+    inputs = bench_flow.edit_inputs(arch, transformer, source_points, prompts, 2)
+    branches = [(source_points, inputs.embeddings.source, guidances[0]),
+                (target_points, inputs.embeddings.target, guidances[1])]  # fmt: skip
+    with torch.no_grad():
+        return guided_velocities(inputs, branches, times)
+
+
 def test_the_sd3_velocity_pair_is_cfg_on_each_branch_from_one_call() -> None:
     arch, transformer, prompts, source_points, target_points, times = _tiny_transformer("tiny-sd3")
-    call = FLOW_FAMILIES["sd3"].function("call_denoiser")
-    conditioning = bench_flow.step_conditioning(arch, prompts)
-    source, target = bench_flow.sd3_velocities(call, transformer, conditioning, 3.5, 13.5)(
-        source_points, target_points, times
-    )
+    call = FAMILIES["sd3"].function("call_denoiser")
+    source, target = _velocities("tiny-sd3", transformer, prompts, source_points, target_points, times, (3.5, 13.5))
 
     def branch(points, prompt, guidance):  # one image's branch as the pipeline runs it: two rows, then CFG
         unconditional = call(transformer, points, times, prompts["unconditional"])
@@ -63,9 +71,8 @@ def test_the_sd3_velocity_pair_is_cfg_on_each_branch_from_one_call() -> None:
 
 def test_the_flux_velocity_pair_embeds_each_branchs_guidance() -> None:
     arch, transformer, prompts, source_points, target_points, times = _tiny_transformer("tiny-flux")
-    call = FLOW_FAMILIES["flux"].function("call_denoiser")
-    conditioning = bench_flow.step_conditioning(arch, prompts)
-    source, target = bench_flow.flux_velocities(call, transformer, conditioning)(source_points, target_points, times)
+    call = FAMILIES["flux"].function("call_denoiser")
+    source, target = _velocities("tiny-flux", transformer, prompts, source_points, target_points, times, (1.5, 5.5))
 
     def branch(points, prompt, guidance):  # one branch's own call, its guidance on each of its rows
         rows = prompts[prompt].with_extra({"guidance": torch.full((2,), guidance)})

@@ -5,7 +5,6 @@ refused by load_model, so these tests load them with the family given."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,6 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 
-from ddsedit import loading
 from ddsedit.conditioning import (
     Conditioning,
     call_flux_transformer,
@@ -27,7 +25,7 @@ from ddsedit.conditioning import (
     unpack_latents,
     vae_scaling,
 )
-from ddsedit.errors import DDSEditError, InputError, ModelError
+from ddsedit.errors import DDSEditError, InputError
 from ddsedit.families import FAMILIES, FLOW_FAMILIES, VELOCITY, family_of_pipeline
 from ddsedit.loading import ModelComponents, load_flux_folder, load_model, load_sd3_folder
 
@@ -38,17 +36,8 @@ CPU = torch.device("cpu")
 GUIDANCE = 3.5
 
 
-def _flow_family(folder: Path):
-    class_name = json.loads((folder / "model_index.json").read_text())["_class_name"]
-    (family,) = [family for family in FLOW_FAMILIES.values() if class_name in family.pipelines]
-    return family
-
-
 def _load(folder: Path, **options: Any) -> ModelComponents:
-    """load_model on a flow folder, as it will run once the family is supported (today it refuses the folder)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loading, "folder_family", _flow_family)
-        components, _, _ = load_model(folder, device="cpu", dtype="fp32", **options)
+    components, _, _ = load_model(folder, device="cpu", dtype="fp32", **options)
     return components
 
 
@@ -103,16 +92,16 @@ def _equal(mine: torch.Tensor | None, theirs: torch.Tensor | None) -> bool:
 # ------------------------------------------------------------------ declarations
 
 
-def test_the_flow_families_are_declared_but_not_yet_supported(tiny_flux_dir: Path) -> None:
-    for family in FLOW_FAMILIES.values():
-        assert family.prediction == VELOCITY and family.default_size == 1024 and family.name not in FAMILIES
+def test_the_flow_families_are_declared_and_read_from_their_folders(tiny_flux_dir: Path, tiny_sd3_dir: Path) -> None:
+    for name in FLOW_FAMILIES:
+        family = FAMILIES[name]
+        assert family.prediction == VELOCITY and family.default_size == 1024 and family.latent_multiple == 2
         for role in ("encode_prompts", "call_denoiser", "load_folder", "latent_scaling", "flow_sigmas"):
             assert callable(family.function(role)), role
-        with pytest.raises(ModelError, match=f"{family.pipelines[0]} models are not supported yet"):
-            family_of_pipeline(family.pipelines[0])
-    assert FLOW_FAMILIES["sd3"].text_encoders == ("text_encoder", "text_encoder_2", "text_encoder_3")
-    with pytest.raises(ModelError, match="FluxPipeline models are not supported yet"):
-        load_model(tiny_flux_dir, device="cpu")
+        assert family_of_pipeline(family.pipelines[0]) is family
+    assert FAMILIES["sd3"].text_encoders == ("text_encoder", "text_encoder_2", "text_encoder_3")
+    assert FAMILIES["sd3"].true_cfg and not FAMILIES["flux"].true_cfg
+    assert _load(tiny_flux_dir).family.name == "flux" and _load(tiny_sd3_dir).family.name == "sd3"
 
 
 # ------------------------------------------------------------------ SD3 conditioning, against the pipeline

@@ -241,3 +241,56 @@ def noise_predictions(
             )
     epsilon = torch.cat(predictions)
     return epsilon[:noises], epsilon[noises:]
+
+
+# Flux.1 dev takes its guidance scale as an input of every call; the mask's calls use FluxPipeline's default.
+FLUX_MASK_GUIDANCE = 3.5
+
+
+def strength_sigma(strength: float, sigmas: Any) -> float:
+    """The flow time DiffEdit's ``strength`` names on a rectified-flow model: the sigma of its own 50-step schedule
+    ``sigmas`` (51 values, descending) at the first of the last ``int(50 * strength)`` steps (0.5: index 25)."""
+    steps = len(sigmas) - 1
+    kept_steps = min(int(steps * strength), steps)
+    if kept_steps < 1:
+        raise InputError(f"--mask-strength {strength} keeps no step of a {steps}-step schedule")
+    return float(sigmas[steps - kept_steps])
+
+
+def velocity_predictions(
+    transformer: Any,
+    latents: torch.Tensor,
+    ref_embedding: Any,
+    query_embedding: Any,
+    sigma: float,
+    noises: int,
+    generator: torch.Generator,
+    chunk_size: int,
+    call: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`noise_predictions` for a rectified-flow model: the velocities under the ref and the query for
+    ``noises`` noisings ``(1 - sigma) x + sigma eps`` of ``latents`` [1, C, h, w], each [noises, C, h, w], fp32.
+
+    At one point the noise predictions behind two velocities differ by ``(1 - sigma)`` times the velocities'
+    difference, a factor that a threshold relative to the map's mean does not see: the map is drawn from the
+    velocities as they are. ``ref_embedding`` and ``query_embedding`` are one-row conditionings.
+    """
+    import torch
+
+    from ddsedit.conditioning import Conditioning
+
+    device = latents.device
+    noise = torch.randn((noises, *latents.shape[1:]), generator=generator, device=device, dtype=torch.float32)
+    noisy = (1.0 - sigma) * latents.float().expand(noises, -1, -1, -1) + sigma * noise
+    batch = torch.cat([noisy, noisy])
+    embeddings = Conditioning.cat([ref_embedding.expand(noises), query_embedding.expand(noises)])
+    if "guidance" not in embeddings.extra:
+        embeddings = embeddings.with_extra({"guidance": torch.full((1,), FLUX_MASK_GUIDANCE, device=device)})
+    predictions = []
+    with torch.no_grad():
+        for start in range(0, batch.shape[0], chunk_size):
+            chunk = batch[start : start + chunk_size]
+            times = torch.full((chunk.shape[0],), sigma, device=device, dtype=torch.float32)
+            predictions.append(call(transformer, chunk, times, embeddings.rows(start, start + chunk.shape[0])).float())
+    velocity = torch.cat(predictions)
+    return velocity[:noises], velocity[noises:]

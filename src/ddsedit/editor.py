@@ -1,5 +1,5 @@
 """The Python API: load a model once, then edit images with any registered method (SDS, DDS, masked DDS, CDS, PDS,
-IDS).
+IDS on SD and SDXL; SDS, DDS as DVRF, masked DDS and FlowEdit on SD3 and Flux).
 
     from ddsedit import Editor
     editor = Editor.from_pretrained("shapes")
@@ -29,8 +29,9 @@ from ddsedit.automask import AutoMaskSettings
 from ddsedit.checks import check_prompts
 from ddsedit.conditioning import Conditioning
 from ddsedit.errors import InputError
-from ddsedit.families import Family
-from ddsedit.gradients import PromptEmbeddings
+from ddsedit.families import VELOCITY, Family
+from ddsedit.flowgradients import FlowSchedule, flow_schedule
+from ddsedit.gradients import GradientInputs, PromptEmbeddings
 from ddsedit.loading import ModelComponents, load_model, resolve_device
 from ddsedit.metadata import edit_parameters, webui_parameters
 from ddsedit.methods import Method, get_method
@@ -114,6 +115,11 @@ class Editor:
     @property
     def family(self) -> Family:
         return self.components.family
+
+    @property
+    def latent_stride(self) -> int:
+        """Pixels per latent cell times the cells the denoiser's patches take: what working sizes are multiples of."""
+        return self.components.vae_scale_factor * self.family.latent_multiple
 
     # ------------------------------------------------------------------ settings
 
@@ -218,23 +224,53 @@ class Editor:
             for item in prepared
         ]).to(self.device)  # fmt: skip
 
+    @property
+    def is_flow(self) -> bool:
+        """Whether the model is a rectified-flow one (SD3, Flux), whose methods walk its sigma schedule."""
+        return self.family.prediction == VELOCITY
+
+    def flow_schedule(self, config: EditConfig, latent_size: tuple[int, int]) -> FlowSchedule:
+        """A rectified-flow model's schedule for an edit: the pipeline's sigmas for ``config.steps`` steps at latents
+        of ``latent_size`` (w, h; the shift may depend on it), with DVRF's step sizes times ``config.lr``."""
+        width, height = latent_size
+        sigmas = self.family.function("flow_sigmas")(self.components.scheduler_config, config.steps,
+                                                     (height // 2) * (width // 2))  # fmt: skip
+        return flow_schedule(sigmas, config.lr)
+
     def distill(
         self, method: Method, config: EditConfig, source_latents: torch.Tensor, embeddings: PromptEmbeddings,
         seeds: list[int], mask: torch.Tensor | None = None, initial_latents: torch.Tensor | None = None,
         on_step: Callable[[int, torch.Tensor], None] | None = None,
     ) -> tuple[torch.Tensor, int]:  # fmt: skip
-        """The optimisation (:func:`ddsedit.optimize.distill`): the final latents and the steps that had
-        non-finite gradient elements."""
+        """The optimisation (:func:`ddsedit.optimize.distill`), or on a rectified-flow model the method's sampler
+        when it declares one (FlowEdit): the final latents and the steps that had non-finite gradient elements."""
         nonfinite: list[int] = []
         generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
         settings = LoopSettings(method.name, config.steps, config.guidance, config.lr, config.t_min, config.t_max,
                                 config.options)  # fmt: skip
+        call = self.family.function("call_denoiser")
+        schedule = None
+        if self.is_flow:
+            schedule = self.flow_schedule(config, (source_latents.shape[-1], source_latents.shape[-2]))
+            sampler = method.sampler_function()
+            if sampler is not None:
+                if initial_latents is not None:
+                    raise InputError(f"{method.name} starts from the source: --start does not apply")
+                if mask is not None and getattr(config.options, "n_min", 0):
+                    raise InputError("--n-min samples the last steps from the query alone, which would change the "
+                                     "image outside --mask: use --n-min 0 with a mask")  # fmt: skip
+                inputs = GradientInputs(
+                    self.components.unet, source_latents.float(), embeddings, None, self.components.prediction_type,
+                    config.guidance, config.options, generators, call, true_cfg=self.family.true_cfg,
+                )  # fmt: skip
+                with torch.no_grad():
+                    return sampler(inputs, schedule, generators, mask, on_step), 0
         latents = distill_loop(
             self.components.unet, source_latents, embeddings, self.components.alphas_cumprod,
             self.components.prediction_type, settings, generators, mask=mask, on_step=on_step,
             cuda_graph=self.cuda_graph, initial_latents=initial_latents, on_nonfinite=nonfinite.append,
-            scheduler_config=self.components.scheduler_config, call=self.family.function("call_denoiser"),
-            betas=self.components.betas,
+            scheduler_config=self.components.scheduler_config, call=call, betas=self.components.betas,
+            flow_schedule=schedule, true_cfg=self.family.true_cfg,
         )  # fmt: skip
         return latents, sum(nonfinite)
 
@@ -278,10 +314,10 @@ class Editor:
         edited in a batch gets the same result as when edited alone, up to float rounding.
         """
         declaration = get_method(method)
-        if self.cuda_graph and not declaration.graphable:
-            raise InputError(f"--cuda-graph: a CUDA graph cannot record {method}'s step")
         if self.family.name not in declaration.families:
             raise InputError(f"{method} does not support {self.family.label} models")
+        if self.cuda_graph and (not declaration.graphable or self.is_flow):
+            raise InputError(f"--cuda-graph: a CUDA graph cannot record {method}'s step on {self.family.label} models")
         if not requests:
             return []
         config = self._config_for(declaration, config)
@@ -289,7 +325,7 @@ class Editor:
         problem = declaration.problem(config, self.components.num_train_timesteps)
         if problem:
             raise InputError(problem)
-        stride = self.components.vae_scale_factor
+        stride = self.latent_stride
         prepared = [prepare_request(request, declaration, config, stride) for request in requests]
         working = prepared[0].working_size
         if any(item.working_size != working for item in prepared):
@@ -314,13 +350,15 @@ class Editor:
             for item, item_frames in zip(prepared, frames, strict=True):
                 item_frames.append((0, item.source.resize(working, Image.Resampling.LANCZOS)))
 
+        total = self.steps_run(declaration, config)
+
         def on_step(step: int, latents: torch.Tensor) -> None:
-            if config.save_every and (step % config.save_every == 0 or step == config.steps):
+            if config.save_every and (step % config.save_every == 0 or step == total):
                 decoded = self.decode(latents)
                 for index, item_frames in enumerate(frames):
                     item_frames.append((step, imageio.tensor_to_image(decoded[index])))
             if on_progress is not None:
-                on_progress(step, config.steps)
+                on_progress(step, total)
 
         latents, nonfinite_steps = self.distill(
             declaration, config, source_latents, embeddings, [item.seed for item in prepared], mask=latent_mask,
@@ -342,6 +380,12 @@ class Editor:
             result.nonfinite_steps = nonfinite_steps
         return results
 
+    def steps_run(self, method: Method, config: EditConfig) -> int:
+        """The steps an edit with ``config`` runs: ``config.steps``, or fewer for a sampler that skips some
+        (FlowEdit runs the last ``n_max``)."""
+        active = getattr(config.options, "active_steps", None)
+        return active() if active is not None and self.is_flow and method.sampler is not None else config.steps
+
     def _finish(
         self, item: PreparedRequest, edited: Image.Image, method: str, config: EditConfig,
         frames: list[tuple[int, Image.Image]],
@@ -357,7 +401,7 @@ class Editor:
             edited = imageio.paste_back(edited, source, item.mask, config.feather)
         parameters = {
             **edit_parameters(method, item.ref, item.query, item.seed, config, masked=item.mask is not None,
-                              auto_mask=item.auto_mask),
+                              auto_mask=item.auto_mask, prediction=self.family.prediction),
             "working_size": f"{item.working_size[0]}x{item.working_size[1]}",
             "model": self.components.identity or self.components.source,
             "model_family": self.family.name,
@@ -400,7 +444,7 @@ class Editor:
         settings.validate()
         source = load_rgb(image)
         longest_side = size or self.config().size
-        working = imageio.working_size(source.width, source.height, longest_side, self.components.vae_scale_factor)
+        working = imageio.working_size(source.width, source.height, longest_side, self.latent_stride)
         mask = self._draw_auto_mask(source, ref, query, settings, working)
         mask.info.update({key: str(value) for key, value in settings.recorded().items()})
         return mask
@@ -424,6 +468,17 @@ class Editor:
         sizes = self.image_conditioning([(source.size, working)])
         prompts = self.encode_prompt([ref, query, negative]).with_extra(sizes)
         generator = torch.Generator(device=self.device).manual_seed(settings.seed)
+        if self.is_flow:
+            tokens = (latents.shape[-1] // 2) * (latents.shape[-2] // 2)
+            # The model's own 50-step schedule, as DiffEdit's strength counts steps of a 50-step grid.
+            sigmas = self.family.function("flow_sigmas")(self.components.scheduler_config, automask.DDIM_GRID_STEPS,
+                                                         tokens)  # fmt: skip
+            ref_velocity, query_velocity = automask.velocity_predictions(
+                self.components.unet, latents, prompts.rows(0, 1), prompts.rows(1, 2),
+                automask.strength_sigma(settings.strength, sigmas), settings.noises, generator, settings.chunk_size,
+                call=self.family.function("call_denoiser"),
+            )  # fmt: skip
+            return automask.mask_from_predictions(ref_velocity, query_velocity, settings, source.size)
         ref_epsilon, query_epsilon = automask.noise_predictions(
             self.components.unet, latents, prompts.rows(0, 1), prompts.rows(1, 2),
             automask.strength_timestep(settings.strength, self.components.num_train_timesteps),
@@ -460,6 +515,11 @@ class Editor:
     def ids(self, image: ImageLike, ref: str, query: str, mask: MaskLike | None = None, **settings: Any):
         """IDS edit: DDS with the source branch's noise corrected so that it predicts the source again."""
         return self._edit_image("ids", image, ref, query, mask, settings)
+
+    def flowedit(self, image: ImageLike, ref: str, query: str, mask: MaskLike | None = None, **settings: Any):
+        """FlowEdit (SD3, Flux): an ODE from the source along the difference of the query's and the ref's
+        velocities."""
+        return self._edit_image("flowedit", image, ref, query, mask, settings)
 
     def _edit_image(
         self, method: str, image: ImageLike, ref: str, query: str, mask: MaskLike | None, settings: dict[str, Any]

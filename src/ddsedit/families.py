@@ -2,10 +2,10 @@
 with besides latents and timesteps, whether it predicts noise or velocity, how its latents are scaled and its
 default working size. Imports no torch; the functions are named ``"module:function"`` and imported when used.
 
-SD 1.x/2.x is the first family (the bundled shapes model is one of its models), SDXL the second. SD3 and Flux.1
-are declared in :data:`FLOW_FAMILIES` (their encode and call functions and sigma schedules in
-:mod:`ddsedit.conditioning`, their folder loaders in :mod:`ddsedit.loading`), but are not in :data:`FAMILIES` yet:
-until their editing methods exist, their folders are refused in one line before any weights load.
+SD 1.x/2.x is the first family (the bundled shapes model is one of its models), SDXL the second; both predict
+noise. SD3/SD3.5 and Flux.1 predict a rectified-flow velocity: their methods are the velocity forms of
+:mod:`ddsedit.flowgradients` and the FlowEdit sampler (:mod:`ddsedit.flowedit`), declared beside the noise forms in
+:mod:`ddsedit.methods`.
 """
 
 from __future__ import annotations
@@ -43,6 +43,11 @@ class Family:
     # Flow-matching families: (scheduler config, steps, image_seq_len) -> the pipeline's descending sigmas
     # [steps + 1], ending at 0.
     flow_sigmas: str | None = None
+    # Guidance as a second, unconditional denoiser call (SD, SDXL, SD3); False: the guidance scale is an input of
+    # the one conditional call, when the model takes one (Flux.1 dev's guidance embedding; schnell takes none).
+    true_cfg: bool = True
+    # The latents' sides must be multiples of this (SD3's patches and Flux's packing are 2x2 latent cells).
+    latent_multiple: int = 1
 
     def function(self, role: str) -> Callable[..., Any]:
         """The function declared for ``role`` (``encode_prompts``, ``call_denoiser``, ``load_folder``,
@@ -73,16 +78,8 @@ FAMILIES: dict[str, Family] = {
             image_conditioning="ddsedit.conditioning:sdxl_size_ids",
             vae_force_upcast=True,
         ),
-    )
-}  # fmt: skip
-DEFAULT_FAMILY = "sd"
-
-# Declared and tested against their diffusers pipelines, but not consulted by family_of_pipeline until their
-# editing methods exist. The transformer is the denoiser (loaded as ModelComponents' ``unet``); SD3's T5 may be
-# absent (the model then runs on its CLIPs alone, as the pipeline does with text_encoder_3=None).
-FLOW_FAMILIES: dict[str, Family] = {
-    family.name: family
-    for family in (
+        # The transformer is the denoiser (ModelComponents' ``unet``); SD3's T5 may be absent (the model then runs
+        # on its CLIPs alone, as the pipeline does with text_encoder_3=None).
         Family(
             "sd3", "Stable Diffusion 3", ("StableDiffusion3Pipeline",), VELOCITY, 1024,
             encode_prompts="ddsedit.conditioning:encode_sd3_prompts",
@@ -90,6 +87,7 @@ FLOW_FAMILIES: dict[str, Family] = {
             load_folder="ddsedit.loading:load_sd3_folder",
             text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
             flow_sigmas="ddsedit.conditioning:sd3_sigmas",
+            latent_multiple=2,
         ),
         Family(
             "flux", "Flux.1", ("FluxPipeline",), VELOCITY, 1024,
@@ -98,9 +96,14 @@ FLOW_FAMILIES: dict[str, Family] = {
             load_folder="ddsedit.loading:load_flux_folder",
             text_encoders=("text_encoder", "text_encoder_2"),
             flow_sigmas="ddsedit.conditioning:flux_sigmas",
+            true_cfg=False,
+            latent_multiple=2,
         ),
     )
 }  # fmt: skip
+DEFAULT_FAMILY = "sd"
+NOISE_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.prediction == NOISE)
+FLOW_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.prediction == VELOCITY)
 
 
 def family_of_pipeline(class_name: str | None) -> Family:

@@ -87,6 +87,7 @@ class GradientInputs:
     generators: list[torch.Generator] = field(default_factory=list)  # cds: the patch draws
     call: Callable[..., torch.Tensor] = call_unet  # the family's denoiser call (ddsedit.families)
     betas: torch.Tensor | None = None  # [T] the schedule's one-step betas (None: from alphas_cumprod)
+    true_cfg: bool = True  # guidance by an unconditional call (False: Flux's guidance input; ddsedit.families)
 
     def one_step_betas(self) -> torch.Tensor:
         """The schedule's one-step betas: the scheduler's, else recovered from ``alphas_cumprod`` in float64."""
@@ -189,7 +190,7 @@ def pds_steps(schedule: NoiseSchedule, grid_steps: int, t_min: int, t_max: int) 
 
 def pds_draws(
     generators: list[torch.Generator], settings: Any, image_shape: tuple[int, ...], device: torch.device,
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule, step: int = 0,
 ) -> StepDraws:  # fmt: skip
     """PDS's draws, per image in a fixed order: a grid index (t and the grid's previous step), the noise at t, then
     the noise at the previous step. The grid is the model scheduler's own (:mod:`ddsedit.pds`)."""

@@ -17,16 +17,18 @@ AUTO_MASK = "auto"  # as ddsedit.automask names it (not imported: that module im
 
 def edit_parameters(
     method: str, ref: str, query: str, seed: int, config: EditConfig, masked: bool = False,
-    auto_mask: Any = None,
+    auto_mask: Any = None, prediction: str = "noise",
 ) -> dict[str, Any]:  # fmt: skip
     """What decides an edit's result, as its output's metadata records it (batch resume compares these).
 
     The method's declaration says which settings act (:meth:`ddsedit.methods.Method.recorded`): the shared
     ones, the method's own, the mask's only with a mask (masked-dds always has one; cds, pds and ids may).
     ``auto_mask`` (an AutoMaskSettings with its seed set): recorded as ``mask: auto`` and ``mask_*``.
+    ``prediction``: what the model's denoiser predicts (``noise``, ``velocity``); settings of the other kind
+    (``--t-min`` on SD3, ``--eta`` on SD) do not act and are not recorded.
     """
     parameters: dict[str, Any] = {"method": method, "ref": ref, "query": query, "seed": seed}
-    parameters.update(get_method(method).recorded(config, masked=masked))
+    parameters.update(get_method(method).recorded(config, masked=masked, prediction=prediction))
     if auto_mask is not None:
         parameters.update(auto_mask.recorded())
     return parameters
@@ -54,7 +56,10 @@ def webui_parameters(parameters: dict[str, Any], size: tuple[int, int]) -> str:
     fields["Method"] = parameters["method"]
     if parameters.get("ref"):
         fields["Ref prompt"] = parameters["ref"]
-    fields.update({"Learning rate": parameters["lr"], "Timesteps": f"{parameters['t_min']}-{parameters['t_max'] - 1}"})
+    if "lr" in parameters:  # FlowEdit's steps are the schedule's
+        fields["Learning rate"] = parameters["lr"]
+    if "t_min" in parameters:  # noise-predicting models draw timesteps; flow models walk their schedule
+        fields["Timesteps"] = f"{parameters['t_min']}-{parameters['t_max'] - 1}"
     method = get_method(parameters["method"])
     own = [item for item in _declared_options(method) if item in parameters]
     fields.update({name.replace("_", " ").capitalize(): parameters[name] for name in own})

@@ -5,6 +5,10 @@ draws, e.g. PDS's second step and noise), asks the method's gradient function in
 the gradient (one batched denoiser call for SDS, DDS and PDS), sets its non-finite elements to 0, applies the
 mask, and takes an SGD step on the latents. Only the gradient and the draws differ between methods; both come
 from the method's declaration (:mod:`ddsedit.methods`).
+
+On a rectified-flow model (``flow_schedule`` given) the same loop walks the model's descending sigma schedule:
+step ``i`` draws ``sigma_i`` and a noise (:func:`ddsedit.flowgradients.draw_flow_step`), the gradient is the
+method's velocity form (:mod:`ddsedit.flowgradients`), and the step's size is DVRF's for that index.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 
 from ddsedit import scores
 from ddsedit.conditioning import call_unet
+from ddsedit.flowgradients import FlowSchedule, draw_flow_step
 from ddsedit.gradients import GradientInputs, NoiseSchedule, PromptEmbeddings, StepDraws, predict_epsilon
 from ddsedit.methods import get_method
 
@@ -46,10 +51,12 @@ def draw_step(
     image_shape: tuple[int, ...],
     device: torch.device,
     schedule: NoiseSchedule | None = None,
+    step: int = 0,
 ) -> StepDraws:
     """The shared draws: per image, from its own generator, a timestep in ``[t_min, t_max)`` then a noise.
 
-    Drawn on the device from seeded generators: reproducible, and no host sync.
+    Drawn on the device from seeded generators: reproducible, and no host sync. ``step`` (0-based) is not used:
+    every step draws alike.
     """
     timesteps, noises = [], []
     for generator in generators:
@@ -62,7 +69,7 @@ def distill(
     unet: torch.nn.Module,
     source_latents: torch.Tensor,
     embeddings: PromptEmbeddings,
-    alphas_cumprod: torch.Tensor,
+    alphas_cumprod: torch.Tensor | None,
     prediction_type: str,
     settings: LoopSettings,
     generators: list[torch.Generator],
@@ -74,6 +81,8 @@ def distill(
     scheduler_config: dict[str, Any] | None = None,
     call: Callable[..., torch.Tensor] = call_unet,
     betas: torch.Tensor | None = None,
+    flow_schedule: FlowSchedule | None = None,
+    true_cfg: bool = True,
 ) -> torch.Tensor:
     """Optimise latents [K, C, h, w] starting from ``source_latents`` and return them (fp32).
 
@@ -93,19 +102,23 @@ def distill(
     static-buffer loop runs without recording (the tests check it against the plain loop).
 
     ``scheduler_config`` is the model's scheduler config (PDS's grid comes from it), ``betas`` its one-step
-    betas; ``call`` is the family's denoiser call (:mod:`ddsedit.families`).
+    betas; ``call`` is the family's denoiser call (:mod:`ddsedit.families`). ``flow_schedule`` makes it the loop of
+    a rectified-flow model (``settings.steps`` must be its length; ``true_cfg``: how the family guides).
 
     NaN and infinite gradient elements are treated as 0 (:func:`ddsedit.scores.zero_nonfinite`);
     if any step had some, ``on_nonfinite(steps_with_any)`` is called once at the end.
     """
     device = source_latents.device
-    alphas_cumprod = alphas_cumprod.to(device=device, dtype=torch.float32)
+    if alphas_cumprod is not None:  # a flow scheduler has none
+        alphas_cumprod = alphas_cumprod.to(device=device, dtype=torch.float32)
     source_latents = source_latents.float()
     method = get_method(settings.method)
-    gradient_function, draw = method.gradient_function(), method.draw_function()
     if settings.options is None:
         settings = dataclasses.replace(settings, options=method.default_options())
     options = settings.options
+    if flow_schedule is not None and flow_schedule.steps != settings.steps:
+        raise ValueError(f"the flow schedule has {flow_schedule.steps} steps, the settings {settings.steps}")
+    gradient_function = method.gradient_function(velocity=flow_schedule is not None)
     if cuda_graph and not method.graphable:
         raise ValueError(f"a CUDA graph cannot record {settings.method}'s step")
     if len(generators) != source_latents.shape[0]:
@@ -120,12 +133,19 @@ def distill(
 
     inputs = GradientInputs(
         unet, source_latents, embeddings, alphas_cumprod, prediction_type, settings.guidance, options, generators,
-        call, None if betas is None else betas.to(device=device, dtype=torch.float32),
+        call, None if betas is None else betas.to(device=device, dtype=torch.float32), true_cfg,
     )  # fmt: skip
-    schedule = NoiseSchedule(alphas_cumprod, dict(scheduler_config or {}))
+    if flow_schedule is None:
+        draw = method.draw_function()
+        schedule = NoiseSchedule(alphas_cumprod, dict(scheduler_config or {}))
 
-    def draw_next() -> StepDraws:
-        return draw(generators, settings, image_shape, device, schedule)
+        def draw_next(step: int) -> StepDraws:
+            return draw(generators, settings, image_shape, device, schedule, step=step)
+    else:
+        eta = float(getattr(options, "eta", 0.0))
+
+        def draw_next(step: int) -> StepDraws:
+            return draw_flow_step(generators, flow_schedule, image_shape, device, step, eta)
 
     def update(latents: torch.Tensor, draws: StepDraws) -> torch.Tensor:
         gradient = gradient_function(inputs, latents, draws)
@@ -133,7 +153,10 @@ def distill(
         nonfinite_steps.add_(had_nonfinite)
         if mask is not None:
             gradient = gradient * mask
-        return scores.sgd_step(latents, gradient, settings.lr)
+        step_size = draws.extra.get("step_size")
+        if step_size is None:
+            return scores.sgd_step(latents, gradient, settings.lr)
+        return latents - step_size.reshape(-1, *([1] * (latents.ndim - 1))) * gradient  # the flow schedule's size
 
     with torch.no_grad():
         if cuda_graph:
@@ -141,7 +164,7 @@ def distill(
         else:
             latents = start.clone()
             for step in range(1, settings.steps + 1):
-                latents = update(latents, draw_next())
+                latents = update(latents, draw_next(step - 1))
                 if on_step is not None:
                     on_step(step, latents)
     count = int(nonfinite_steps)
@@ -153,7 +176,7 @@ def distill(
 def _distill_replayed(
     update: Callable[[torch.Tensor, StepDraws], torch.Tensor],
     start_latents: torch.Tensor,
-    draw_next: Callable[[], StepDraws],
+    draw_next: Callable[[int], StepDraws],
     steps: int,
     on_step: StepCallback | None,
     nonfinite_steps: torch.Tensor,
@@ -165,7 +188,7 @@ def _distill_replayed(
     """
     device = start_latents.device
     latents = start_latents.clone()
-    draws = draw_next()
+    draws = draw_next(0)
     buffers = StepDraws(
         torch.empty_like(draws.timesteps), torch.empty_like(draws.noise),
         {name: torch.empty_like(value) for name, value in draws.extra.items()},
@@ -199,7 +222,7 @@ def _distill_replayed(
         replay = graph.replay
     for step in range(1, steps + 1):
         if step > 1:
-            draws = draw_next()
+            draws = draw_next(step - 1)
         load(draws)
         replay()
         if on_step is not None:

@@ -40,6 +40,8 @@ class SettingInfo:
     above_minimum: bool = False  # the minimum itself is not valid (lr > 0)
     needs: str | None = None  # acts only while this other setting is truthy (cut_patches needs cut_weight)
     recorded: bool = True  # part of the output's metadata (and so of batch resume's comparison)
+    # Acts only on models whose denoiser predicts this ("noise": SD, SDXL; "velocity": SD3, Flux); None: on all.
+    applies_to: str | None = None
 
 
 def setting(default: Any, help: str, **info: Any) -> Any:
@@ -154,9 +156,12 @@ def declared_by_name(cls: type) -> dict[str, Declared]:
     return {item.name: item for item in declared(cls)}
 
 
-def acting(values: Any) -> Iterator[Declared]:
-    """The declared settings of ``values`` (a settings dataclass) that act given the others' values."""
+def acting(values: Any, prediction: str | None = None) -> Iterator[Declared]:
+    """The declared settings of ``values`` (a settings dataclass) that act given the others' values, on a model
+    whose denoiser predicts ``prediction`` (None: any)."""
     for item in declared(type(values)):
+        if prediction is not None and item.info.applies_to not in (None, prediction):
+            continue
         if item.info.needs is None or getattr(values, item.info.needs):
             yield item
 
@@ -181,11 +186,11 @@ class EditConfig:
     steps: int = setting(200, "Optimisation steps.", flags=("--steps", "--iterations"), minimum=1, maximum=1_000_000)
     guidance: float = setting(7.5, "Classifier-free guidance scale.", minimum=0, maximum=1000)
     lr: float = setting(
-        0.1, "SGD learning rate: a step moves the latents by lr * 2000/4096 * gradient.", minimum=0,
-        above_minimum=True, maximum=1000,
+        0.1, "SGD learning rate: a step moves the latents by lr * 2000/4096 * gradient (SD3, Flux: a multiple of "
+        "DVRF's step sizes, default 1).", minimum=0, above_minimum=True, maximum=1000,
     )  # fmt: skip
-    t_min: int = setting(50, "Lowest timestep drawn.", minimum=1, maximum=999)
-    t_max: int = setting(950, "Timesteps are drawn below this.", minimum=2, maximum=999)
+    t_min: int = setting(50, "Lowest timestep drawn.", minimum=1, maximum=999, applies_to="noise")
+    t_max: int = setting(950, "Timesteps are drawn below this.", minimum=2, maximum=999, applies_to="noise")
     seed: int | None = setting(
         None, "Seed: same seed, same result. Default: random, recorded in the output.", minimum=0, maximum=2**63 - 1,
         recorded=False,  # recorded on its own, as the seed actually drawn
@@ -290,8 +295,8 @@ def resolve_config(
     """
     from ddsedit.methods import all_methods
 
-    config = method.default_config()
-    if family is not None:
+    config = method.default_config(None if family is None else family.name)
+    if family is not None and "size" not in method.family_defaults.get(family.name, {}):
         config = dataclasses.replace(config, size=family.default_size)
     shared = {item.name for item in declared(EditConfig)}
     own = option_names(config.options)

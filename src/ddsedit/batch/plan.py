@@ -78,6 +78,7 @@ def resolve_defaults(
     Reads only the model's defaults and scheduler config (or a checkpoint's header), not its
     weights, so that finished rows can be recognised without loading the model.
     """
+    from ddsedit.families import VELOCITY
     from ddsedit.loading import (
         DEFAULTS_FILE,
         locate_model,
@@ -123,7 +124,8 @@ def resolve_defaults(
             raise InputError(problem)
     expected = ExpectedModel(
         identity=model_identity(options.model, kind, path),
-        prediction_type=expected_prediction_type(kind, path, options.prediction_type),
+        prediction_type=(family.prediction if family.prediction == VELOCITY  # flow models record "velocity"
+                         else expected_prediction_type(kind, path, options.prediction_type)),  # fmt: skip
         family=family.name,
         vae=vae_identity_of(options.vae) if options.vae is not None else None,
     )
@@ -147,12 +149,13 @@ class Job:
 
     def expected_parameters(self, model: ExpectedModel) -> dict[str, Any]:
         """The parameters (but not the file hashes) that the output's metadata records when this row has run."""
+        from ddsedit.families import FAMILIES
         from ddsedit.metadata import edit_parameters
 
         ref = self.row.ref if get_method(self.row.method).needs_ref else ""
         parameters = edit_parameters(
             self.row.method, ref, self.row.query, self.seed, self.config, masked=self.row.mask is not None or
-            self.row.auto_mask, auto_mask=self.auto_mask,
+            self.row.auto_mask, auto_mask=self.auto_mask, prediction=FAMILIES[model.family].prediction,
         )  # fmt: skip
         parameters["model"] = model.identity
         parameters["model_family"] = model.family

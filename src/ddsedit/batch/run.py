@@ -199,7 +199,7 @@ def _work(context: _ProcessContext, jobs: list[Job], device: str, feed: RankFeed
             last_poll = time.monotonic()
             context.display.set_others(feed.poll())
 
-    for group in group_jobs(pending, options.batch_size, editor.components.vae_scale_factor):
+    for group in group_jobs(pending, options.batch_size, editor.latent_stride):
         _run_group(context, editor, group, on_step)
         _forget_prompts(editor)
         if feed is not None:

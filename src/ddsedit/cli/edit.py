@@ -102,15 +102,27 @@ def _mask_parameters(method: Method) -> list[inspect.Parameter]:
     return parameters
 
 
+def default_text(method: Method, name: str) -> str:
+    """A setting's default as ``method``'s help shows it: the method's own (pds: t from 1), then the families'
+    that differ (``200; SD3 50, Flux 28``); a method of rectified-flow models only shows theirs alone."""
+    plain = None if not set(method.families) & {"sd", "sdxl"} else method.default_config()
+    shown = [] if plain is None else [shown_default(getattr(plain, name))]
+    by_family = [
+        f"{family.upper() if family.startswith('sd') else family.capitalize()} "
+        f"{shown_default(getattr(method.default_config(family), name))}"
+        for family in method.family_defaults if name in method.family_defaults[family]
+    ]  # fmt: skip
+    return "; ".join(filter(None, [", ".join(shown), ", ".join(by_family)])) or shown_default(
+        getattr(method.default_config(method.families[0]), name)
+    )
+
+
 def command_parameters(method: Method) -> list[inspect.Parameter]:
     """Every option of ``method``'s command, derived from its declaration."""
     parameters = _fixed_parameters(method)
-    shared = [item for item in declared(EditConfig) if item.name not in _MASK_SETTINGS]
-    own_defaults = method.default_config()  # a method may set its own (pds: t from 1)
-    parameters += [setting_parameter(item, default_text=shown_default(getattr(own_defaults, item.name)))
-                   for item in shared]  # fmt: skip
-    defaults = method.default_options()
-    parameters += [setting_parameter(item, default_text=shown_default(getattr(defaults, item.name)))
+    shared = [item for item in declared(EditConfig) if item.name not in _MASK_SETTINGS and method.takes(item)]
+    parameters += [setting_parameter(item, default_text=default_text(method, item.name)) for item in shared]
+    parameters += [setting_parameter(item, default_text=default_text(method, item.name))
                    for item in declared(method.options)]  # fmt: skip
     if method.mask != MASK_NONE:
         parameters += _mask_parameters(method)
@@ -194,7 +206,8 @@ def run_edit(method: Method, **options: Any) -> None:
             compile_unet=options["compile_unet"], cuda_graph=options.get("cuda_graph", False), vae=options["vae"],
         )  # fmt: skip
     config = editor.config(method.name, **given)
-    refuse_idle_flags(method, given, config, mask is not None, model_known=True)  # with the model's defaults
+    refuse_idle_flags(method, given, config, mask is not None, model_known=True,
+                      family=editor.family)  # with the model's defaults  # fmt: skip
     if (frames is not None or animation is not None) and "save_every" not in given:
         config = config.replace(save_every=max(1, config.steps // 25))  # the model's steps, not the paper's
     if frames is not None:
@@ -222,14 +235,21 @@ def run_edit(method: Method, **options: Any) -> None:
 
 
 def refuse_idle_flags(method: Method, given: dict[str, Any], config: EditConfig, masked: bool,
-                      model_known: bool) -> None:  # fmt: skip
+                      model_known: bool, family: Any = None) -> None:  # fmt: skip
     """Refuse, in one line, a flag that cannot act: a mask setting without a mask, a setting whose declared ``needs``
-    is off, settings the method cannot run with (its declaration's check). Before the model loads
-    (``model_known`` False), ``config`` holds only the flags, and a check that reads a setting not given waits
-    until the model's defaults are in."""
+    is off, a setting of the other kind of model than ``family``'s (``--eta`` on SD, ``--t-min`` on SD3), settings
+    the method cannot run with (its declaration's check). Before the model loads (``model_known`` False),
+    ``config`` holds only the flags, and a check that reads a setting not given waits until the model's defaults
+    are in."""
+    from ddsedit.families import FAMILIES
+
     items = {**declared_by_name(EditConfig), **declared_by_name(method.options)}
     for name in given:
         item = items[name]
+        applies_to = item.info.applies_to
+        if family is not None and applies_to not in (None, family.prediction):
+            labels = [each.label for each in FAMILIES.values() if each.prediction == applies_to]
+            raise InputError(f"{item.flag} acts only on {' and '.join(labels)} models, not on {family.label} ones")
         if item.info.panel == MASK_PANEL and not masked:
             flag = ("--paste-back" if given[name] else "--no-paste-back") if name == "paste_back" else item.flag
             raise InputError(f"{flag} acts only on a masked edit: it needs --mask")

@@ -19,12 +19,14 @@ from ddsedit.settings import INPUT_PANEL, MODEL_PANEL, SPEED_PANEL, EditConfig, 
 EVAL_SETTINGS = ("steps", "guidance", "lr", "t_min", "t_max")
 
 
-def eval_runs() -> tuple[str, ...]:
-    """What --methods may name: every registered method, and masked DDS with the automatic mask."""
-    from ddsedit.methods import method_names
+def eval_runs(family: str | None = "sd") -> tuple[str, ...]:
+    """What --methods may name: every registered method that supports ``family`` (None: any), and masked DDS with
+    the automatic mask."""
+    from ddsedit.methods import get_method, method_names
     from ddsedit.names import MASKED_METHOD
 
-    return (*method_names(), f"{MASKED_METHOD}-auto")
+    return (*(name for name in method_names() if family is None or family in get_method(name).families),
+            f"{MASKED_METHOD}-auto")  # fmt: skip
 
 
 def eval_parameters() -> list[inspect.Parameter]:
@@ -34,14 +36,15 @@ def eval_parameters() -> list[inspect.Parameter]:
     cases_help = ("Recolour cases (half white, half black). Each runs every method and the held DDS run: 40 cases take "
                   "about 1.5 hours on 2 CPU cores (ids's step is 6-8x DDS's); --methods dds about 6 minutes.")
     methods_help = ("Comma-separated methods to run on the recolour cases (masked-dds-auto: masked DDS with --mask "
-                    "auto, whose masks are scored too): a subset screens a model faster.")  # fmt: skip
+                    "auto, whose masks are scored too): a subset screens a model faster. Default: every method the "
+                    f"model's family supports ({', '.join(eval_runs())} on SD).")  # fmt: skip
     return [
         parameter("model", Annotated[str, typer.Option(
             "--model", help="Model to evaluate (a shapes-world model).", rich_help_panel=MODEL_PANEL)], "shapes"),
         parameter("cases", Annotated[int, typer.Option("--cases", help=cases_help)], 40),
         parameter("swaps", Annotated[int, typer.Option("--swaps", help="Background swaps and shape swaps, each.")], 8),
         parameter("seed", Annotated[int, typer.Option("--seed", help="Seed of the cases and of the edits.")], 0),
-        parameter("methods", Annotated[str, typer.Option("--methods", help=methods_help)], ",".join(eval_runs())),
+        parameter("methods", Annotated[str, typer.Option("--methods", help=methods_help, show_default=False)], ""),
         parameter("hold", Annotated[bool, typer.Option(
             "--hold/--no-hold", help="Also run DDS from the right answer: what DDS can reach.")], True),
         *[setting_parameter(shared[name], default_text="the model's") for name in EVAL_SETTINGS],
@@ -81,9 +84,9 @@ def _run_eval(*, model: str, cases: int, swaps: int, seed: int, methods: str, ho
 
     if cases < 2 or swaps < 0 or batch_size < 1:
         raise InputError("--cases must be >= 2, --swaps >= 0 and --batch-size >= 1")
-    runs = eval_runs()
+    runs = eval_runs(None)
     chosen = tuple(dict.fromkeys(m.strip() for m in methods.split(",") if m.strip()))
-    if not chosen or any(m not in runs for m in chosen):
+    if methods.strip() and (not chosen or any(m not in runs for m in chosen)):
         raise InputError(f"--methods must be some of {', '.join(runs)} (comma-separated), got {methods!r}")
     mask_settings = AutoMaskSettings().replace(**{name: flags.pop(name) for name in
                                                   ("strength", "noises", "threshold", "grow")})  # fmt: skip
@@ -101,6 +104,9 @@ def _run_eval(*, model: str, cases: int, swaps: int, seed: int, methods: str, ho
     from ddsedit.shapes.evaluate import edit_count, evaluate, write_report
 
     editor = Editor.from_pretrained(model, device=device, dtype=dtype)
+    from ddsedit.shapes.evaluate import eval_runs as family_runs
+
+    chosen = chosen or family_runs(editor.family.name)
     steps = editor.config("dds", **{k: v for k, v in overrides.items() if k in EVAL_SETTINGS}).steps
     total = edit_count(cases, swaps, hold, chosen)
     stderr.print(f"eval-shapes: {total} edits of {steps} steps on {editor.device.type}", markup=False)

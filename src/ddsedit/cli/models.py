@@ -27,16 +27,30 @@ def make_tiny_model_command(
     folder: Annotated[Path, typer.Argument(help="Folder to write the model to.")],
     v_prediction: Annotated[bool, typer.Option("--v-prediction", help="Make it a v-prediction model.")] = False,
     sdxl: Annotated[bool, typer.Option("--sdxl", help="Make it in SDXL's layout (two text encoders).")] = False,
+    sd3: Annotated[bool, typer.Option("--sd3", help="Make it in SD3's layout (rectified flow, three text "
+                                      "encoders).")] = False,  # fmt: skip
+    flux: Annotated[bool, typer.Option("--flux", help="Make it in Flux.1 dev's layout (rectified flow, guidance "
+                                       "embedding).")] = False,  # fmt: skip
 ) -> None:
     """Write a tiny RANDOM model (edits nothing meaningful) for smoke tests of the pipeline."""
     with one_line_errors():
+        layouts = [flag for flag, chosen in (("--sdxl", sdxl), ("--sd3", sd3), ("--flux", flux)) if chosen]
+        if len(layouts) > 1:
+            raise InputError(f"choose one layout, got {' and '.join(layouts)}")
+        if v_prediction and (sd3 or flux):
+            raise InputError(f"--v-prediction does not apply to {layouts[0]}: rectified-flow models predict a velocity")
         from ddsedit.loading import quiet_third_party_output
 
         quiet_third_party_output()
-        from ddsedit.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
+        from ddsedit import tiny
 
         if folder.exists() and any(folder.iterdir()):
             raise InputError(f"{folder} exists and is not empty")
-        build = build_tiny_sdxl_pipeline if sdxl else build_tiny_pipeline
-        build(folder, prediction_type="v_prediction" if v_prediction else "epsilon")
+        if sd3:
+            tiny.build_tiny_sd3_pipeline(folder)
+        elif flux:
+            tiny.build_tiny_flux_pipeline(folder)
+        else:
+            build = tiny.build_tiny_sdxl_pipeline if sdxl else tiny.build_tiny_pipeline
+            build(folder, prediction_type="v_prediction" if v_prediction else "epsilon")
     typer.echo(str(folder))

@@ -56,9 +56,10 @@ MASK_MARGIN = 4  # px the masked-DDS mask extends beyond the source shape
 AUTO_MASK_RUN = f"{MASKED_METHOD}-{AUTO_MASK}"  # masked DDS with the automatic mask
 AUTO_MASK_FIGURES = "auto-mask"  # the automatic mask's own figures, in intervals and case_scores
 
-def eval_runs() -> tuple[str, ...]:
-    """What ``methods`` may name: every registered method, and masked DDS with the automatic mask."""
-    return (*method_names(), AUTO_MASK_RUN)
+def eval_runs(family: str | None = None) -> tuple[str, ...]:
+    """What ``methods`` may name: every registered method (``family``: those that support it), and masked DDS with
+    the automatic mask."""
+    return (*(name for name in method_names() if family is None or family in get_method(name).families), AUTO_MASK_RUN)
 
 
 _YY, _XX = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
@@ -395,11 +396,12 @@ def evaluate(
     method's defaults under ``overrides`` (e.g. ``{"steps": 50}``); the report records them.
     ``on_progress(label, count)`` follows the edits (:func:`edit_count` of them in all).
     """
-    runs = eval_runs()
+    runs = eval_runs(editor.family.name)
     methods = methods or runs
     unknown = [method for method in methods if method not in runs]
     if unknown or not methods:
-        raise ValueError(f"methods must be some of {', '.join(runs)}, got {', '.join(methods) or 'none'}")
+        raise InputError(f"--methods must be some of {', '.join(runs)} on {editor.family.label} models, got "
+                         f"{', '.join(methods) or 'none'}")  # fmt: skip
     configs = {}
     for run in (*methods, "dds"):
         method = get_method(MASKED_METHOD if run == AUTO_MASK_RUN else run)
