@@ -40,6 +40,7 @@ from ddsedit.tiny import build_tiny_sdxl_pipeline  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
+UNET_PREFIX = "model.diffusion_model."
 UNET_ATTN2 = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat", reference CLIP tokenizer
 
@@ -852,3 +853,115 @@ def test_vae_files_that_do_not_fit_fail_in_one_line(tiny_sdxl, tiny, tmp_path):
     corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     with pytest.raises(ModelError, match="not a valid safetensors file"):
         load_single_file_vae(corrupt, vae.config, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# SD3 and Flux.1 single files
+
+
+def _swap_halves(weight: torch.Tensor) -> torch.Tensor:
+    """diffusers' final AdaLayerNormContinuous is (scale, shift); the original MMDiT's is (shift, scale)."""
+    first, second = weight.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def mmdit_to_original(state: dict[str, torch.Tensor], prefix: str = UNET_PREFIX) -> dict[str, torch.Tensor]:
+    """diffusers SD3Transformer2DModel keys -> the original MMDiT's (``joint_blocks.N.{x,context}_block.*``)."""
+    plain = {
+        "pos_embed.pos_embed": "pos_embed", "pos_embed.proj": "x_embedder.proj",
+        "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+        "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+        "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+        "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+        "context_embedder": "context_embedder", "proj_out": "final_layer.linear",
+    }  # fmt: skip
+    block = {
+        "attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+        "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
+        "ff_context.net.0.proj": "context_block.mlp.fc1", "ff_context.net.2": "context_block.mlp.fc2",
+        "norm1.linear": "x_block.adaLN_modulation.1", "norm1_context.linear": "context_block.adaLN_modulation.1",
+    }  # fmt: skip
+    converted: dict[str, torch.Tensor] = {}
+    layers = 1 + max(int(key.split(".")[1]) for key in state if key.startswith("transformer_blocks."))
+    for key, value in state.items():
+        stem, _, kind = key.rpartition(".")
+        if key == "pos_embed.pos_embed":
+            converted["pos_embed"] = value
+        elif stem in plain:
+            converted[f"{plain[stem]}.{kind}"] = value
+        elif stem == "norm_out.linear":
+            converted[f"final_layer.adaLN_modulation.1.{kind}"] = _swap_halves(value)
+        elif match := re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", stem):
+            index, rest = int(match[1]), match[2]
+            if rest in ("attn.to_q", "attn.add_q_proj"):  # q, k and v are one projection there
+                names = ("to_q", "to_k", "to_v") if rest == "attn.to_q" else ("add_q_proj", "add_k_proj", "add_v_proj")
+                parts = [state[f"transformer_blocks.{index}.attn.{name}.{kind}"] for name in names]
+                side = "x_block" if rest == "attn.to_q" else "context_block"
+                converted[f"joint_blocks.{index}.{side}.attn.qkv.{kind}"] = torch.cat(parts)
+            elif rest in block:
+                last_context = index == layers - 1 and rest == "norm1_context.linear"  # the last block's is continuous
+                converted[f"joint_blocks.{index}.{block[rest]}.{kind}"] = _swap_halves(value) if last_context else value
+            elif not re.fullmatch(r"attn\.(to_[kv]|add_[kv]_proj)", rest):
+                raise AssertionError(f"no MMDiT name for {key}")
+        else:
+            raise AssertionError(f"no MMDiT name for {key}")
+    return {prefix + key: value for key, value in converted.items()}
+
+
+def _identity_projection(folder: Path) -> None:
+    """SD3's CLIP-L pooled output is used unprojected: its single files hold no projection (diffusers loads an
+    identity one), so the tiny folder's is made the identity for the round trip."""
+    encoder = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder")
+    with torch.no_grad():
+        encoder.text_projection.weight.copy_(torch.eye(encoder.text_projection.weight.shape[0]))
+    encoder.save_pretrained(folder / "text_encoder")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3_file(tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny SD3 pipeline (T5 included) as one original-layout file, and its folder (also its configs)."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import T5EncoderModel
+
+    from ddsedit.tiny import build_tiny_sd3_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-sd3-file")
+    folder = build_tiny_sd3_pipeline(root / "folder")
+    _identity_projection(folder)
+    transformer = SD3Transformer2DModel.from_pretrained(folder / "transformer")
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    clip_l = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder")
+    clip_g = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")
+    t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_3")
+    clip_l_state = {key: value for key, value in clip_l.state_dict().items() if not key.startswith("text_projection")}
+    tensors = {
+        **mmdit_to_original(transformer.state_dict()),
+        **vae_to_ldm(vae.state_dict(), vae.config),
+        **clip_to_ldm(clip_l_state, "text_encoders.clip_l.transformer."),
+        **clip_to_ldm(clip_g.state_dict(), "text_encoders.clip_g.transformer."),
+        **{"text_encoders.clip_g.transformer.text_projection.weight": clip_g.text_projection.weight},
+        **{f"text_encoders.t5xxl.transformer.{key}": value for key, value in t5.state_dict().items()},
+    }
+    tensors = {key: value.contiguous().clone() for key, value in tensors.items()}
+    return _write(root / "sd3_tiny_incl_clips_t5.safetensors", tensors), folder
+
+
+def _assert_same_weights(mine: torch.nn.Module, theirs: torch.nn.Module, name: str) -> None:
+    expected = theirs.state_dict()
+    assert sorted(mine.state_dict()) == sorted(expected), name
+    for key, value in mine.state_dict().items():
+        assert torch.equal(value, expected[key]), f"{name}: {key}"
+
+
+def test_sd3_single_file_round_trip(tiny_sd3_file) -> None:
+    from ddsedit.loading import load_sd3_folder
+
+    path, folder = tiny_sd3_file
+    parts = load_single_file(path, torch.float32, config_dir=folder)
+    expected = load_sd3_folder(folder, torch.float32)
+    assert parts["family"] == "sd3" and parts["pipeline_config"] == {}
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        _assert_same_weights(parts[name], expected[name], name)
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        assert parts[name]("a red circle").input_ids == expected[name]("a red circle").input_ids, name
+    assert parts["scheduler"].config.shift == 3.0

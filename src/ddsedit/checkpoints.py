@@ -68,8 +68,12 @@ from ddsedit.formats import PICKLE_SUFFIXES
 MODEL_CONFIGS_DIR = Path(__file__).parent / "model_configs"
 CLIP_BPE_DIR = MODEL_CONFIGS_DIR / "clip_bpe"
 SD_VERSIONS = ("sd15", "sd2", "sd2-v", "sdxl", "sdxl-v")
+FLOW_VERSIONS = ("sd3-medium", "sd3.5-large", "flux-dev", "flux-schnell")
 # each version's model family, named as in ddsedit.families
-VERSION_FAMILIES = {"sd15": "sd", "sd2": "sd", "sd2-v": "sd", "sdxl": "sdxl", "sdxl-v": "sdxl"}
+VERSION_FAMILIES = {
+    "sd15": "sd", "sd2": "sd", "sd2-v": "sd", "sdxl": "sdxl", "sdxl-v": "sdxl",
+    "sd3-medium": "sd3", "sd3.5-large": "sd3", "flux-dev": "flux", "flux-schnell": "flux",
+}  # fmt: skip
 CLIP_VOCAB_SIZE = 49408
 
 UNET_PREFIX = "model.diffusion_model."
@@ -81,6 +85,16 @@ SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL base: OpenAI C
 SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL base: OpenCLIP ViT-bigG, OpenCLIP's layout
 SDXL_REFINER_PREFIX = "conditioner.embedders.0.model."  # the refiner's only text encoder, OpenCLIP ViT-bigG
 SDXL_CONTEXT_WIDTH = 2048  # SDXL's UNet attends to both encoders' features side by side: 768 + 1280
+# SD3/SD3.5 all-in-one files (and ComfyUI's Flux ones) keep their text encoders in transformers' layout here
+SD3_CLIP_L_PREFIX = "text_encoders.clip_l.transformer."
+SD3_CLIP_G_PREFIX = "text_encoders.clip_g.transformer."
+T5_PREFIX = "text_encoders.t5xxl.transformer."
+FLUX_VAE_PREFIX = "vae."  # ComfyUI's Flux checkpoints; SD3's use first_stage_model.
+SD3_MARKER = "joint_blocks.0.x_block.attn.qkv.weight"  # MMDiT's first joint block
+FLUX_MARKER = "double_blocks.0.img_attn.qkv.weight"
+FLUX_GUIDANCE_MARKER = "guidance_in.in_layer.weight"  # dev's guidance embedding; schnell has none
+# (joint blocks, hidden width) of the MMDiTs that ddsedit ships configs for
+SD3_SIZES = {(24, 1536): "sd3-medium", (38, 2432): "sd3.5-large"}
 PLAYGROUND_MARKER = "edm_mean"  # Playground v2.5: SDXL's layout, an EDM schedule and its own latent statistics
 SD2_BASE_GLOBAL_STEP = 875000  # diffusers' legacy loader: this step count marks the 512 epsilon model
 
@@ -411,6 +425,72 @@ def _detect(checkpoint: _Checkpoint, prediction_type: str | None) -> str:
     return "sd2-v" if chosen == "v_prediction" else "sd2"
 
 
+# ---------------------------------------------------------------------------------------------
+# SD3/SD3.5 and Flux.1 files
+
+_FLOW_LABELS = {"sd3": "Stable Diffusion 3", "flux": "Flux.1"}
+_FLOW_HUB_IDS = {
+    "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
+    "flux-dev": "black-forest-labs/FLUX.1-dev",
+    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
+}
+
+
+def _transformer_prefix(checkpoint: _Checkpoint) -> tuple[str, str] | None:
+    """``(family, prefix)`` of an MMDiT (SD3) or Flux transformer's tensors: ``model.diffusion_model.`` in
+    all-in-one files, none in the transformer-only files that BFL and ComfyUI ship; None for any other file."""
+    keys = set(checkpoint.keys)
+    for prefix in (UNET_PREFIX, ""):
+        if prefix + SD3_MARKER in keys:
+            return "sd3", prefix
+        if prefix + FLUX_MARKER in keys:
+            return "flux", prefix
+    return None
+
+
+def _block_count(keys: list[str], prefix: str) -> int:
+    """How many numbered blocks (``joint_blocks.N.``) there are under ``prefix``."""
+    return 1 + max(int(key[len(prefix) :].split(".", 1)[0]) for key in keys if key.startswith(prefix))
+
+
+def _detect_flow(checkpoint: _Checkpoint, has_configs: bool) -> str | None:
+    """The shipped config folder (one of FLOW_VERSIONS) of an SD3/SD3.5 or Flux.1 file, ``""`` when the file is
+    one but the caller brings its own configs (``has_configs``) and none of the shipped ones fits, None when it is
+    no such file.
+
+    SD3 medium and SD3.5 large are told apart by the MMDiT's depth and width (24 blocks 1536 wide, 38 blocks
+    2432 wide); SD3.5 medium (an MMDiT-X: second attention in its first blocks) has no shipped config. Flux.1 dev
+    has a guidance embedding, schnell none; Fill and Depth (more input channels: the image to fill or the depth
+    map) are not text-to-image models.
+    """
+    found = _transformer_prefix(checkpoint)
+    if found is None:
+        return None
+    family, prefix = found
+    name, keys = checkpoint.path.name, checkpoint.keys
+    if family == "sd3":
+        depth = _block_count(keys, prefix + "joint_blocks.")
+        width = (checkpoint.shape(prefix + "x_embedder.proj.weight") or (0,))[0]
+        mmdit_x = any(key.startswith(prefix + "joint_blocks.") and ".x_block.attn2." in key for key in keys)
+        version = None if mmdit_x else SD3_SIZES.get((depth, width))
+        if version is None and not has_configs:
+            what = "an SD3.5 medium (MMDiT-X)" if mmdit_x else f"an SD3 transformer of {depth} blocks {width} wide"
+            raise ModelError(
+                f"{name} holds {what}, for which ddsedit ships no config (SD3 medium, SD3.5 large): "
+                "pass the model's diffusers folder or hub id instead"
+            )
+        return version or ""
+    in_features = (checkpoint.shape(prefix + "img_in.weight") or (0, 64))[1]
+    if in_features != 64 and not has_configs:
+        raise ModelError(
+            f"{name} is a Flux.1 model with {in_features} input features (Fill or Depth, which condition on an "
+            "image); ddsedit needs the text-to-image Flux.1 dev or schnell"
+        )
+    return "flux-dev" if prefix + FLUX_GUIDANCE_MARKER in keys else "flux-schnell"
+
+
+
 def detect_sd_version(
     path: str | Path, prediction_type: str | None = None, allow_pickle: bool = False
 ) -> str:
@@ -425,7 +505,7 @@ def detect_sd_version(
     """
     normalized = normalize_prediction_type(prediction_type)
     with _open_checkpoint(path, allow_pickle) as checkpoint:
-        return _detect(checkpoint, normalized)
+        return _detect_flow(checkpoint, has_configs=False) or _detect(checkpoint, normalized)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -619,6 +699,134 @@ def _load_scheduler(folder: Path, prediction_type: str | None) -> DDPMScheduler:
     return scheduler
 
 
+def _flow_component_tensors(checkpoint: _Checkpoint, family: str, prefix: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The tensors of each component an SD3 or Flux.1 file holds (by component name; an absent one is left out),
+    under their names in the file, as diffusers' converters read them."""
+    transformer = (
+        checkpoint.tensors(prefix) if prefix
+        else {key: value for key, value in checkpoint.tensors("").items()
+              if not key.startswith((VAE_PREFIX, FLUX_VAE_PREFIX, "text_encoders."))}
+    )  # fmt: skip
+    vae_prefix = VAE_PREFIX if _has_prefix(checkpoint.keys, VAE_PREFIX) else FLUX_VAE_PREFIX
+    found = {
+        "transformer": transformer,
+        "vae": checkpoint.tensors(vae_prefix),
+        "text_encoder": checkpoint.tensors(SD3_CLIP_L_PREFIX),
+        "text_encoder_2" if family == "sd3" else "": checkpoint.tensors(SD3_CLIP_G_PREFIX),
+        "text_encoder_3" if family == "sd3" else "text_encoder_2": checkpoint.tensors(T5_PREFIX),
+    }
+    return {component: tensors for component, tensors in found.items() if component and tensors}
+
+
+_FLOW_COMPONENT_NAMES = {  # as messages name each family's components
+    "sd3": {"transformer": "transformer", "vae": "VAE", "text_encoder": "CLIP-L (text_encoders.clip_l.*)",
+            "text_encoder_2": "CLIP-G (text_encoders.clip_g.*)", "text_encoder_3": "T5 (text_encoders.t5xxl.*)"},
+    "flux": {"transformer": "transformer", "vae": "VAE", "text_encoder": "CLIP-L (text_encoders.clip_l.*)",
+             "text_encoder_2": "T5 (text_encoders.t5xxl.*)"},
+}  # fmt: skip
+
+
+def _flow_classes(family: str) -> dict[str, type]:
+    """Each weighted component of an SD3 or Flux.1 file by its config subfolder, in load order."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import T5EncoderModel
+
+    if family == "sd3":
+        return {
+            "transformer": SD3Transformer2DModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModelWithProjection,
+            "text_encoder_2": CLIPTextModelWithProjection, "text_encoder_3": T5EncoderModel,
+        }  # fmt: skip
+    return {"transformer": FluxTransformer2DModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+            "text_encoder_2": T5EncoderModel}  # fmt: skip
+
+
+def _load_flow_component(
+    model_class: type, tensors: dict[str, torch.Tensor], folder: Path, subfolder: str, torch_dtype: torch.dtype
+) -> Any:
+    """Build one SD3/Flux component with diffusers' own single-file conversion and the folder's config for it."""
+    from transformers import T5EncoderModel
+
+    if model_class is T5EncoderModel:
+        return single_file_utils.create_diffusers_t5_model_from_checkpoint(
+            model_class, tensors, subfolder=subfolder, config=str(folder), torch_dtype=torch_dtype,
+            local_files_only=True,
+        )  # fmt: skip
+    if model_class is CLIPTextModel:
+        # Flux's CLIP-L is used without projection; diffusers' SD3 CLIP-L conversion adds an identity one.
+        tensors = {key[len(SD3_CLIP_L_PREFIX) :]: value for key, value in tensors.items()}
+        tensors = {key: value for key, value in tensors.items() if not key.endswith("position_ids")}
+        with init_empty_weights():
+            model = CLIPTextModel(CLIPTextModel.config_class.from_pretrained(folder / subfolder))
+        model.load_state_dict(tensors, strict=True, assign=True)
+        return model.to(torch_dtype)
+    if hasattr(model_class, "from_single_file"):  # the transformer and the VAE
+        return model_class.from_single_file(
+            tensors, config=str(folder), subfolder=subfolder, local_files_only=True, torch_dtype=torch_dtype
+        )
+    return _load_component(model_class, tensors, folder, subfolder, torch_dtype)
+
+
+def _load_flow_file(
+    checkpoint: _Checkpoint, version: str, config_dir: Path | None, torch_dtype: torch.dtype
+) -> dict[str, Any]:
+    """The components of an all-in-one SD3/SD3.5 or Flux.1 file (see :func:`load_single_file`)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import T5TokenizerFast
+
+    name = checkpoint.path.name
+    family, prefix = _transformer_prefix(checkpoint) or ("", "")
+    label = _FLOW_LABELS[family]
+    folder = Path(config_dir) if config_dir is not None else MODEL_CONFIGS_DIR / version
+    hub_id = _FLOW_HUB_IDS.get(version, "its diffusers folder")
+    tensors = _flow_component_tensors(checkpoint, family, prefix)
+    classes = _flow_classes(family)
+    t5 = "text_encoder_3" if family == "sd3" else "text_encoder_2"
+    needed = [component for component in classes if component != t5 or family == "flux"]
+    labels = _FLOW_COMPONENT_NAMES[family]
+    missing = [labels[component] for component in needed if component not in tensors]
+    if missing:
+        raise ModelError(
+            f"{name} is a {label} file without its {', '.join(missing)}: pass the model's diffusers folder or hub id "
+            f"instead ({hub_id})"
+        )
+    t5_tokenizer = "tokenizer_3" if family == "sd3" else "tokenizer_2"
+    if t5 in tensors and not (folder / t5_tokenizer / "tokenizer_config.json").is_file():
+        raise ModelError(
+            f"{name} holds T5 weights, but {folder} has no T5 tokenizer ({t5_tokenizer}/): pass the model's "
+            f"diffusers folder or hub id instead ({hub_id})"
+        )
+    clip_tokenizers = ["tokenizer", "tokenizer_2"] if family == "sd3" else ["tokenizer"]
+    _check_config_folder(folder, [*(c for c in classes if c in tensors), *clip_tokenizers, "scheduler"], label)
+    parts: dict[str, Any] = {t5: None, t5_tokenizer: None}
+    for component, model_class in classes.items():
+        if component not in tensors:
+            continue
+        component_tensors = tensors.pop(component)
+        try:
+            with _without_cast_warning():
+                model = _load_flow_component(model_class, component_tensors, folder, component, torch_dtype)
+        except (ValueError, KeyError, RuntimeError, OSError, TypeError, AttributeError) as error:
+            raise _component_error(name, labels[component], error) from None
+        except single_file_utils.SingleFileComponentError as error:
+            raise _component_error(name, labels[component], error) from None
+        del component_tensors
+        _check_complete(model, name, labels[component])
+        parts[component] = model.eval()
+    for tokenizer in clip_tokenizers:
+        parts[tokenizer] = load_clip_tokenizer(folder / tokenizer)
+    if parts[t5] is not None:
+        parts[t5_tokenizer] = T5TokenizerFast.from_pretrained(folder / t5_tokenizer)
+    try:
+        parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot read the scheduler config in {folder}: {_first_line(error)}") from None
+    parts["unet"] = parts.pop("transformer")  # the denoiser's name in ModelComponents
+    parts["family"] = family
+    parts["pipeline_config"] = read_pipeline_config(folder)
+    return parts
+
+
+
 def load_single_file(
     path: str | Path,
     torch_dtype: torch.dtype,
@@ -645,6 +853,12 @@ def load_single_file(
     """
     normalized = normalize_prediction_type(prediction_type)
     with _open_checkpoint(path, allow_pickle) as checkpoint:
+        flow_version = _detect_flow(checkpoint, has_configs=config_dir is not None)
+        if flow_version is not None:
+            if normalized is not None:
+                family = _FLOW_LABELS[VERSION_FAMILIES.get(flow_version) or _transformer_prefix(checkpoint)[0]]
+                raise InputError(f"{family} models predict a flow velocity: --prediction-type does not apply")
+            return _load_flow_file(checkpoint, flow_version, config_dir, torch_dtype)
         version = _detect(checkpoint, normalized)
         family = VERSION_FAMILIES[version]
         folder = Path(config_dir) if config_dir is not None else MODEL_CONFIGS_DIR / version
