@@ -946,7 +946,7 @@ def tiny_sd3_file(tmp_path_factory) -> tuple[Path, Path]:
     return _write(root / "sd3_tiny_incl_clips_t5.safetensors", tensors), folder
 
 
-def _assert_same_weights(mine: torch.nn.Module, theirs: torch.nn.Module, name: str) -> None:
+def _assert_equal_weights(mine: torch.nn.Module, theirs: torch.nn.Module, name: str) -> None:
     expected = theirs.state_dict()
     assert sorted(mine.state_dict()) == sorted(expected), name
     for key, value in mine.state_dict().items():
@@ -961,7 +961,93 @@ def test_sd3_single_file_round_trip(tiny_sd3_file) -> None:
     expected = load_sd3_folder(folder, torch.float32)
     assert parts["family"] == "sd3" and parts["pipeline_config"] == {}
     for name in ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-        _assert_same_weights(parts[name], expected[name], name)
+        _assert_equal_weights(parts[name], expected[name], name)
     for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         assert parts[name]("a red circle").input_ids == expected[name]("a red circle").input_ids, name
     assert parts["scheduler"].config.shift == 3.0
+
+
+def _flow_stub(family: str, blocks: int = 24, width: int = 1536, prefix: str = UNET_PREFIX, **extra: bool):
+    """Tensors named (and, where detection reads a shape, shaped) as an SD3 or Flux.1 file's."""
+    one = torch.zeros(1)  # cloned below: safetensors refuses shared storage
+    if family == "sd3":
+        tensors = {f"{prefix}joint_blocks.{index}.x_block.attn.qkv.weight": one for index in range(blocks)}
+        tensors[f"{prefix}x_embedder.proj.weight"] = torch.zeros(width, 1, 1, 1)
+        if extra.get("mmdit_x"):
+            tensors[f"{prefix}joint_blocks.0.x_block.attn2.qkv.weight"] = one
+    else:
+        tensors = {f"{prefix}double_blocks.0.img_attn.qkv.weight": one,
+                   f"{prefix}img_in.weight": torch.zeros(1, 384 if extra.get("fill") else 64)}  # fmt: skip
+        if extra.get("guidance"):
+            tensors[f"{prefix}guidance_in.in_layer.weight"] = one
+    for part in ("vae", "clip_l", "clip_g", "t5"):
+        if extra.get(part):
+            name = {"vae": "first_stage_model.decoder.conv_in.weight", "t5": "text_encoders.t5xxl.transformer.x"}.get(
+                part, f"text_encoders.{part}.transformer.x"
+            )
+            tensors[name] = one
+    return {key: value.clone() for key, value in tensors.items()}
+
+
+@pytest.mark.parametrize(
+    ("family", "options", "expected"),
+    [
+        ("sd3", {}, "sd3-medium"),
+        ("sd3", {"blocks": 38, "width": 2432}, "sd3.5-large"),
+        ("flux", {"guidance": True}, "flux-dev"),
+        ("flux", {"guidance": True, "prefix": ""}, "flux-dev"),  # BFL's transformer-only layout
+        ("flux", {}, "flux-schnell"),
+    ],
+)
+def test_detect_flow_models(tmp_path, family, options, expected) -> None:
+    path = _write(tmp_path / "model.safetensors", _flow_stub(family, **options))
+    assert detect_sd_version(path) == expected
+    assert checkpoints.VERSION_FAMILIES[expected] == family
+    assert (checkpoints.MODEL_CONFIGS_DIR / expected / "transformer" / "config.json").is_file()
+
+
+def test_flow_files_without_a_shipped_config_or_a_component_are_refused_in_one_line(tmp_path) -> None:
+    cases = [
+        (_flow_stub("sd3", mmdit_x=True), "SD3.5 medium .*ships no config"),
+        (_flow_stub("sd3", blocks=12, width=768), "SD3 transformer of 12 blocks 768 wide"),
+        (_flow_stub("flux", fill=True), "384 input features .*Fill or Depth"),
+    ]
+    for tensors, message in cases:
+        path = _write(tmp_path / "model.safetensors", tensors)
+        with pytest.raises(ModelError, match=message):
+            detect_sd_version(path)
+    cases = [
+        (_flow_stub("flux", guidance=True, prefix=""),
+         r"Flux.1 file without its VAE, CLIP-L .*, T5 .*: pass .*\(black-forest-labs/FLUX.1-dev\)"),
+        (_flow_stub("sd3", vae=True), r"Stable Diffusion 3 file without its CLIP-L .*, CLIP-G .*: pass"),
+        (_flow_stub("sd3", vae=True, clip_l=True, clip_g=True, t5=True),
+         r"holds T5 weights, but .*sd3-medium has no T5 tokenizer .*stable-diffusion-3-medium-diffusers"),
+    ]  # fmt: skip
+    for tensors, message in cases:
+        path = _write(tmp_path / "model.safetensors", tensors)
+        with pytest.raises(ModelError, match=message) as raised:
+            load_single_file(path, torch.float32)
+        assert "\n" not in str(raised.value)
+    with pytest.raises(InputError, match="flow velocity"):
+        load_single_file(path, torch.float32, prediction_type="epsilon")
+
+
+def test_load_model_routes_an_sd3_file(tiny_sd3_file, monkeypatch) -> None:
+    """With the shipped-config folder pointed at the tiny model's: refused while SD3 is not supported, then loaded."""
+    from ddsedit import loading
+    from ddsedit.families import FAMILIES, FLOW_FAMILIES
+
+    path, folder = tiny_sd3_file
+    configs = path.parent / "configs"
+    configs.mkdir(exist_ok=True)
+    if not (configs / "sd3-medium").exists():
+        (configs / "sd3-medium").symlink_to(folder)
+    monkeypatch.setattr(checkpoints, "MODEL_CONFIGS_DIR", configs)
+    monkeypatch.setitem(checkpoints.SD3_SIZES, (2, 32), "sd3-medium")
+    with pytest.raises(ModelError, match="Stable Diffusion 3 models are not supported yet"):
+        loading.load_model(path, device="cpu", dtype="fp32")
+    monkeypatch.setitem(FAMILIES, "sd3", FLOW_FAMILIES["sd3"])
+    components, _, _ = loading.load_model(path, device="cpu", dtype="fp32")
+    assert components.family.name == "sd3" and components.prediction_type == "velocity"
+    assert components.text_encoder_3 is not None and components.absent_text_encoders == ()
+    assert components.scheduler_config["shift"] == 3.0 and components.alphas_cumprod is None

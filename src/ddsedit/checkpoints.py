@@ -428,7 +428,7 @@ def _detect(checkpoint: _Checkpoint, prediction_type: str | None) -> str:
 # ---------------------------------------------------------------------------------------------
 # SD3/SD3.5 and Flux.1 files
 
-_FLOW_LABELS = {"sd3": "Stable Diffusion 3", "flux": "Flux.1"}
+FLOW_LABELS = {"sd3": "Stable Diffusion 3", "flux": "Flux.1"}
 _FLOW_HUB_IDS = {
     "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
     "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
@@ -775,7 +775,7 @@ def _load_flow_file(
 
     name = checkpoint.path.name
     family, prefix = _transformer_prefix(checkpoint) or ("", "")
-    label = _FLOW_LABELS[family]
+    label = FLOW_LABELS[family]
     folder = Path(config_dir) if config_dir is not None else MODEL_CONFIGS_DIR / version
     hub_id = _FLOW_HUB_IDS.get(version, "its diffusers folder")
     tensors = _flow_component_tensors(checkpoint, family, prefix)
@@ -856,7 +856,7 @@ def load_single_file(
         flow_version = _detect_flow(checkpoint, has_configs=config_dir is not None)
         if flow_version is not None:
             if normalized is not None:
-                family = _FLOW_LABELS[VERSION_FAMILIES.get(flow_version) or _transformer_prefix(checkpoint)[0]]
+                family = FLOW_LABELS[VERSION_FAMILIES.get(flow_version) or _transformer_prefix(checkpoint)[0]]
                 raise InputError(f"{family} models predict a flow velocity: --prediction-type does not apply")
             return _load_flow_file(checkpoint, flow_version, config_dir, torch_dtype)
         version = _detect(checkpoint, normalized)

@@ -377,7 +377,11 @@ def folder_family(folder: Path) -> Family:
 def model_family(kind: str, path: Path) -> Family:
     """The family of a located model (:func:`locate_model`), read without loading weights: a folder's
     model_index.json, a ``.safetensors`` file's header; a pickle or an unreadable file is taken as SD 1.x/2.x
-    (its load then tells the truth, or reports the problem)."""
+    (its load then tells the truth, or reports the problem).
+
+    Raises:
+        ModelError: the model is of a family ddsedit does not support (yet).
+    """
     if kind == "folder":
         return folder_family(path)
     if path.suffix.lower() != ".safetensors":
@@ -386,9 +390,21 @@ def model_family(kind: str, path: Path) -> Family:
     from ddsedit.errors import DDSEditError
 
     try:
-        return FAMILIES[VERSION_FAMILIES[detect_sd_version(path)]]
+        name = VERSION_FAMILIES[detect_sd_version(path)]
     except DDSEditError:
         return FAMILIES[DEFAULT_FAMILY]
+    return family_named(name)
+
+
+def family_named(name: str) -> Family:
+    """The supported family called ``name`` (as single-file loading names them); a declared family that is not
+    supported yet is refused in one line, as its folders are by :func:`folder_family`."""
+    if name not in FAMILIES:
+        from ddsedit.checkpoints import FLOW_LABELS
+
+        known = ", ".join(family.label for family in FAMILIES.values())
+        raise ModelError(f"{FLOW_LABELS.get(name, name)} models are not supported yet (supported: {known})")
+    return FAMILIES[name]
 
 
 def _load_components(folder: Path, label: str, loaders: dict[str, Any]) -> dict[str, Any]:
@@ -560,8 +576,9 @@ def load_model(
     else:
         from ddsedit.checkpoints import load_single_file
 
+        model_family(kind, path)  # before any weights load: a family not supported yet is one line at once
         parts = load_single_file(path, torch_dtype, allow_pickle=allow_pickle, prediction_type=prediction_type)
-        family = FAMILIES[parts.get("family", DEFAULT_FAMILY)]
+        family = family_named(parts.get("family", DEFAULT_FAMILY))
         defaults = {}
     vae_identity = None
     if vae is not None:
