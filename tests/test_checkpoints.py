@@ -1010,7 +1010,7 @@ def test_flow_files_without_a_shipped_config_or_a_component_are_refused_in_one_l
     cases = [
         (_flow_stub("sd3", mmdit_x=True), "SD3.5 medium .*ships no config"),
         (_flow_stub("sd3", blocks=12, width=768), "SD3 transformer of 12 blocks 768 wide"),
-        (_flow_stub("flux", fill=True), "384 input features .*Fill or Depth"),
+        (_flow_stub("flux", fill=True), "384 input features, not 64 .*Fill or Depth"),
     ]
     for tensors, message in cases:
         path = _write(tmp_path / "model.safetensors", tensors)
@@ -1051,3 +1051,134 @@ def test_load_model_routes_an_sd3_file(tiny_sd3_file, monkeypatch) -> None:
     assert components.family.name == "sd3" and components.prediction_type == "velocity"
     assert components.text_encoder_3 is not None and components.absent_text_encoders == ()
     assert components.scheduler_config["shift"] == 3.0 and components.alphas_cumprod is None
+
+
+def flux_to_original(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """diffusers FluxTransformer2DModel keys -> BFL's (``double_blocks.N.*``, ``single_blocks.N.*``), as the
+    transformer-only files (no prefix) and ComfyUI's all-in-one ones (``model.diffusion_model.``) name them."""
+    plain = {
+        "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+        "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+        "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+        "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+        "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+        "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+        "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear",
+    }  # fmt: skip
+    double = {
+        "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+        "attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+        "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm",
+        "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0",
+        "ff_context.net.2": "txt_mlp.2", "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+    }  # fmt: skip
+    single = {"norm.linear": "modulation.lin", "attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm",
+              "proj_out": "linear2"}  # fmt: skip
+    fused = {  # diffusers' separate projections, concatenated in this order into one
+        ("transformer_blocks", "attn.to_q"): ("img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
+        ("transformer_blocks", "attn.add_q_proj"):
+            ("txt_attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+        ("single_transformer_blocks", "attn.to_q"): ("linear1", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
+    }  # fmt: skip
+    converted: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        stem, _, kind = key.rpartition(".")
+        kind = "scale" if stem.split(".")[-1].startswith("norm_") and kind == "weight" else kind  # RMSNorm scales
+        if stem in plain:
+            converted[f"{plain[stem]}.{kind}"] = value
+        elif stem == "norm_out.linear":
+            converted[f"final_layer.adaLN_modulation.1.{kind}"] = _swap_halves(value)
+        elif match := re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", stem):
+            blocks, index, rest = match[1], match[2], match[3]
+            original = "double_blocks" if blocks == "transformer_blocks" else "single_blocks"
+            renames = double if blocks == "transformer_blocks" else single
+            if (blocks, rest) in fused:
+                name, parts = fused[(blocks, rest)]
+                converted[f"{original}.{index}.{name}.{kind}"] = torch.cat(
+                    [state[f"{blocks}.{index}.{part}.{kind}"] for part in parts]
+                )
+            elif rest in renames:
+                converted[f"{original}.{index}.{renames[rest]}.{kind}"] = value
+            elif not any(rest == part for _, parts in fused.values() for part in parts):
+                raise AssertionError(f"no BFL name for {key}")
+        else:
+            raise AssertionError(f"no BFL name for {key}")
+    return {prefix + key: value for key, value in converted.items()}
+
+
+@pytest.mark.parametrize("version", ["sd3-medium", "flux-dev", "flux-schnell"])
+def test_the_tests_key_mappings_are_diffusers_inverse_at_full_size(version) -> None:
+    """The full-size models on the meta device: the test's own mapping to the original layout, then diffusers'
+    converter back, gives every tensor's name and shape. (diffusers' Flux converter assumes FLUX.1's width, 3072,
+    so the tiny Flux round trip below cannot run its transformer through it: this is where that mapping is checked.)"""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    flux = version.startswith("flux")
+    model_class = FluxTransformer2DModel if flux else SD3Transformer2DModel
+    with init_empty_weights():
+        model = model_class.from_config(model_class.load_config(MODEL_CONFIGS_DIR / version / "transformer"))
+    state = model.state_dict()
+    original = flux_to_original(state) if flux else mmdit_to_original(state, prefix="")
+    convert = (
+        checkpoints.single_file_utils.convert_flux_transformer_checkpoint_to_diffusers if flux
+        else checkpoints.single_file_utils.convert_sd3_transformer_checkpoint_to_diffusers
+    )  # fmt: skip
+    back = convert(dict(original))
+    assert {key: tuple(value.shape) for key, value in back.items()} == {
+        key: tuple(value.shape) for key, value in state.items()
+    }
+
+
+@pytest.mark.parametrize("guidance_embeds", [True, False], ids=["dev", "schnell"])
+def test_flux_all_in_one_file_round_trip(tmp_path, monkeypatch, guidance_embeds) -> None:
+    """ComfyUI's all-in-one layout (``model.diffusion_model.*``, ``vae.*``, ``text_encoders.clip_l.*``,
+    ``text_encoders.t5xxl.*``): every component loads back equal to the tiny folder's. diffusers' Flux converter
+    splits single blocks at FLUX.1's width (3072), so here it is replaced by one that checks it is handed exactly
+    the transformer's tensors in BFL's layout and answers the folder's; the mapping itself is checked at full
+    size above."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+    from transformers import T5EncoderModel
+
+    from ddsedit.loading import load_flux_folder
+    from ddsedit.tiny import build_tiny_flux_pipeline
+
+    folder = build_tiny_flux_pipeline(tmp_path / "folder", guidance_embeds=guidance_embeds)
+    transformer_state = FluxTransformer2DModel.from_pretrained(folder / "transformer").state_dict()
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    clip_l = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_2")
+    original_transformer = flux_to_original(transformer_state)
+    vae_tensors = {"vae." + key.removeprefix("first_stage_model."): value
+                   for key, value in vae_to_ldm(vae.state_dict(), vae.config).items()}  # fmt: skip
+    tensors = {
+        **{UNET_PREFIX + key: value for key, value in original_transformer.items()},
+        **vae_tensors,
+        **clip_to_ldm(clip_l.state_dict(), "text_encoders.clip_l.transformer."),
+        **{f"text_encoders.t5xxl.transformer.{key}": value for key, value in t5.state_dict().items()},
+    }
+    tensors = {key: value.contiguous().clone() for key, value in tensors.items()}
+    path = _write(tmp_path / "flux1-tiny-all-in-one.safetensors", tensors)
+
+    def handed_the_transformer(checkpoint, **kwargs):
+        received = {key.removeprefix(UNET_PREFIX): value for key, value in checkpoint.items()}
+        assert received.keys() == original_transformer.keys()
+        assert all(torch.equal(received[key], value) for key, value in original_transformer.items())
+        return {key: value.clone() for key, value in transformer_state.items()}
+
+    monkeypatch.setitem(SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"], "checkpoint_mapping_fn",
+                        handed_the_transformer)  # fmt: skip
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / ("flux-dev" if guidance_embeds else "flux-schnell")).symlink_to(folder)
+    monkeypatch.setattr(checkpoints, "MODEL_CONFIGS_DIR", configs)
+    assert detect_sd_version(path) == ("flux-dev" if guidance_embeds else "flux-schnell")
+    parts = load_single_file(path, torch.float32)
+    expected = load_flux_folder(folder, torch.float32)
+    assert parts["family"] == "flux" and parts["unet"].config.guidance_embeds == guidance_embeds
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        _assert_equal_weights(parts[name], expected[name], name)
+    assert type(parts["text_encoder"]) is CLIPTextModel
+    for name in ("tokenizer", "tokenizer_2"):
+        assert parts[name]("a red circle").input_ids == expected[name]("a red circle").input_ids, name
+    assert parts["scheduler"].config == expected["scheduler"].config

@@ -481,13 +481,23 @@ def _detect_flow(checkpoint: _Checkpoint, has_configs: bool) -> str | None:
                 "pass the model's diffusers folder or hub id instead"
             )
         return version or ""
-    in_features = (checkpoint.shape(prefix + "img_in.weight") or (0, 64))[1]
-    if in_features != 64 and not has_configs:
+    version = "flux-dev" if prefix + FLUX_GUIDANCE_MARKER in keys else "flux-schnell"
+    in_features = (checkpoint.shape(prefix + "img_in.weight") or (0, None))[1]
+    expected = _shipped_in_channels(version)
+    if in_features != expected and not has_configs:
         raise ModelError(
-            f"{name} is a Flux.1 model with {in_features} input features (Fill or Depth, which condition on an "
-            "image); ddsedit needs the text-to-image Flux.1 dev or schnell"
+            f"{name} is a Flux.1 model with {in_features} input features, not {expected} (Fill or Depth, which "
+            "condition on an image); ddsedit needs the text-to-image Flux.1 dev or schnell"
         )
-    return "flux-dev" if prefix + FLUX_GUIDANCE_MARKER in keys else "flux-schnell"
+    return version
+
+
+def _shipped_in_channels(version: str) -> int | None:
+    """The packed latent features that a shipped Flux config's transformer takes (64: 16 channels, 2x2)."""
+    try:
+        return json.loads((MODEL_CONFIGS_DIR / version / "transformer" / "config.json").read_text())["in_channels"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 
@@ -753,11 +763,15 @@ def _load_flow_component(
         )  # fmt: skip
     if model_class is CLIPTextModel:
         # Flux's CLIP-L is used without projection; diffusers' SD3 CLIP-L conversion adds an identity one.
-        tensors = {key[len(SD3_CLIP_L_PREFIX) :]: value for key, value in tensors.items()}
-        tensors = {key: value for key, value in tensors.items() if not key.endswith("position_ids")}
         with init_empty_weights():
             model = CLIPTextModel(CLIPTextModel.config_class.from_pretrained(folder / subfolder))
-        model.load_state_dict(tensors, strict=True, assign=True)
+        # transformers >= 5.6 flattened CLIPTextModel (no ``text_model.`` level); files have it, or not (older ones)
+        level = "text_model." if hasattr(model, "text_model") else ""
+        state = {
+            level + key[len(SD3_CLIP_L_PREFIX) :].removeprefix("text_model."): value
+            for key, value in tensors.items() if not key.endswith("position_ids")
+        }  # fmt: skip
+        model.load_state_dict(state, strict=True, assign=True)
         return model.to(torch_dtype)
     if hasattr(model_class, "from_single_file"):  # the transformer and the VAE
         return model_class.from_single_file(
