@@ -1182,3 +1182,38 @@ def test_flux_all_in_one_file_round_trip(tmp_path, monkeypatch, guidance_embeds)
     for name in ("tokenizer", "tokenizer_2"):
         assert parts[name]("a red circle").input_ids == expected[name]("a red circle").input_ids, name
     assert parts["scheduler"].config == expected["scheduler"].config
+
+
+def test_an_sd3_file_without_t5_loads_without_it(tiny_sd3_file, tmp_path) -> None:
+    """As sd3_medium_incl_clips.safetensors: T5 absent, as the folder loader leaves it (the model runs on its CLIPs)."""
+    from safetensors.torch import load_file
+
+    path, folder = tiny_sd3_file
+    tensors = {key: value for key, value in load_file(path).items() if not key.startswith("text_encoders.t5xxl.")}
+    parts = load_single_file(_write(tmp_path / "sd3_tiny_incl_clips.safetensors", tensors), torch.float32,
+                             config_dir=folder)  # fmt: skip
+    assert parts["text_encoder_3"] is None and parts["tokenizer_3"] is None
+    assert parts["text_encoder_2"] is not None and parts["unet"].config.num_layers == 2
+
+
+@pytest.mark.parametrize(
+    ("version", "transformer_params", "guidance"),
+    [("sd3-medium", 2_028_328_000, None), ("sd3.5-large", 8_056_627_520, None),
+     ("flux-dev", 11_901_408_320, True), ("flux-schnell", 11_891_178_560, False)],
+)  # fmt: skip
+def test_shipped_flow_configs(version, transformer_params, guidance) -> None:
+    """The hub models' sizes, counted on the meta device; each folder has what its single files need."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    folder = MODEL_CONFIGS_DIR / version
+    model_class = FluxTransformer2DModel if version.startswith("flux") else SD3Transformer2DModel
+    with init_empty_weights():
+        transformer = model_class.from_config(model_class.load_config(folder / "transformer"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+    assert _count(transformer) == transformer_params
+    assert vae.config.latent_channels == 16 and not vae.config.use_quant_conv
+    if guidance is not None:
+        assert transformer.config.guidance_embeds == guidance
+    assert read_pipeline_config(folder) == {}
+    for tokenizer in ["tokenizer", "tokenizer_2"] if version.startswith("sd3") else ["tokenizer"]:
+        _assert_clip_tokenizer(folder / tokenizer, pad_id=0 if tokenizer == "tokenizer_2" else 49407)

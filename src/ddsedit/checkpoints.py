@@ -1,4 +1,4 @@
-"""Loading original-format Stable Diffusion 1.x / 2.x and SDXL single-file checkpoints, fully offline.
+"""Loading original-format Stable Diffusion 1.x / 2.x, SDXL, SD3/SD3.5 and Flux.1 single-file checkpoints, offline.
 
 A single-file checkpoint (``v1-5-pruned-emaonly.safetensors``, ``v2-1_768-ema-pruned.safetensors``,
 ``sd_xl_base_1.0.safetensors``, a fine-tune saved the same way) holds the UNet under
@@ -19,6 +19,22 @@ fetches the matching diffusers configs from the Hugging Face Hub; ddsedit ships 
 
 Each component is then built with diffusers' own single-file conversion code, pointed at the
 bundled config folder, so the weights are mapped exactly as ``from_single_file`` maps them.
+SD3/SD3.5 and Flux.1 (``load_single_file`` on such a file): Stability's all-in-one files keep the MMDiT
+under ``model.diffusion_model.*``, the VAE under ``first_stage_model.*`` and the text encoders, in
+transformers' layout, under ``text_encoders.clip_l.*``, ``text_encoders.clip_g.*`` and (in the ``t5xxl``
+variants) ``text_encoders.t5xxl.*``; ComfyUI's Flux.1 all-in-one files name the transformer the same way,
+the VAE ``vae.*``; BFL's own Flux.1 files hold the transformer alone, unprefixed (``double_blocks.*``).
+The shipped folders are
+
+* ``sd3-medium`` - stabilityai/stable-diffusion-3-medium-diffusers (24 joint blocks 1536 wide);
+* ``sd3.5-large`` - stabilityai/stable-diffusion-3.5-large (38 blocks 2432 wide, RMS q/k norms);
+* ``flux-dev``, ``flux-schnell`` - black-forest-labs/FLUX.1-dev (guidance embedding) and -schnell (none).
+
+They hold no T5 tokenizer (T5's 32k-piece sentencepiece model is not in this package yet), so a file with
+T5 weights is refused in one line pointing to the diffusers repo; SD3 files without T5
+(``sd3_medium_incl_clips.safetensors``) load whole. The components are built by diffusers' SD3 and Flux
+converters (``from_single_file``, ``create_diffusers_*``), pointed at the shipped folder.
+
 ``load_single_file_vae`` loads a standalone VAE file (``sdxl_vae.safetensors``,
 ``vae-ft-mse-840000-ema-pruned.safetensors``) into a model's VAE architecture the same way.
 
@@ -222,6 +238,9 @@ class _Checkpoint:
             return tuple(self._handle.get_slice(key).get_shape())
         value = self._state.get(key)
         return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._handle.get_tensor(key) if self._handle is not None else self._state[key]
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors whose names start with ``prefix``, under their full names."""
@@ -504,14 +523,16 @@ def _shipped_in_channels(version: str) -> int | None:
 def detect_sd_version(
     path: str | Path, prediction_type: str | None = None, allow_pickle: bool = False
 ) -> str:
-    """The bundled config folder (one of SD_VERSIONS) that a checkpoint's weights belong with.
+    """The bundled config folder (one of SD_VERSIONS or FLOW_VERSIONS) that a checkpoint's weights belong with.
 
     ``"sd15"``, ``"sd2"`` (epsilon, 512), ``"sd2-v"`` (v-prediction, 768), ``"sdxl"`` (epsilon,
     1024) or ``"sdxl-v"`` (v-prediction). Reads only tensor names, shapes and metadata from a
     ``.safetensors`` file (a pickle is loaded whole, and only with ``allow_pickle``).
     ``prediction_type`` (``epsilon``/``v_prediction``) overrides the guess between ``sd2`` and
-    ``sd2-v`` or ``sdxl`` and ``sdxl-v``; see the module docstring for the rules. Raises InputError
-    (missing file, refused pickle) or ModelError (not an SD 1.x/2.x or SDXL base checkpoint).
+    ``sd2-v`` or ``sdxl`` and ``sdxl-v``; see the module docstring for the rules. An SD3/SD3.5 or
+    Flux.1 file is ``"sd3-medium"``, ``"sd3.5-large"``, ``"flux-dev"`` or ``"flux-schnell"``. Raises
+    InputError (missing file, refused pickle) or ModelError (not an SD 1.x/2.x or SDXL base checkpoint,
+    or an SD3/Flux.1 model that no shipped config fits).
     """
     normalized = normalize_prediction_type(prediction_type)
     with _open_checkpoint(path, allow_pickle) as checkpoint:
@@ -709,23 +730,29 @@ def _load_scheduler(folder: Path, prediction_type: str | None) -> DDPMScheduler:
     return scheduler
 
 
-def _flow_component_tensors(checkpoint: _Checkpoint, family: str, prefix: str) -> dict[str, dict[str, torch.Tensor]]:
-    """The tensors of each component an SD3 or Flux.1 file holds (by component name; an absent one is left out),
-    under their names in the file, as diffusers' converters read them."""
-    transformer = (
-        checkpoint.tensors(prefix) if prefix
-        else {key: value for key, value in checkpoint.tensors("").items()
-              if not key.startswith((VAE_PREFIX, FLUX_VAE_PREFIX, "text_encoders."))}
-    )  # fmt: skip
+_NOT_TRANSFORMER = (VAE_PREFIX, FLUX_VAE_PREFIX, "text_encoders.")  # a bare transformer's file: all keys but these
+
+
+def _flow_component_prefixes(checkpoint: _Checkpoint, family: str, prefix: str) -> dict[str, str]:
+    """Where each component that an SD3 or Flux.1 file holds keeps its tensors (by component name; an absent one
+    is left out). Names only: the tensors are read one component at a time, as SD files' are."""
     vae_prefix = VAE_PREFIX if _has_prefix(checkpoint.keys, VAE_PREFIX) else FLUX_VAE_PREFIX
-    found = {
-        "transformer": transformer,
-        "vae": checkpoint.tensors(vae_prefix),
-        "text_encoder": checkpoint.tensors(SD3_CLIP_L_PREFIX),
-        "text_encoder_2" if family == "sd3" else "": checkpoint.tensors(SD3_CLIP_G_PREFIX),
-        "text_encoder_3" if family == "sd3" else "text_encoder_2": checkpoint.tensors(T5_PREFIX),
-    }
-    return {component: tensors for component, tensors in found.items() if component and tensors}
+    t5 = "text_encoder_3" if family == "sd3" else "text_encoder_2"
+    prefixes = {"transformer": prefix, "vae": vae_prefix, "text_encoder": SD3_CLIP_L_PREFIX, t5: T5_PREFIX}
+    if family == "sd3":
+        prefixes["text_encoder_2"] = SD3_CLIP_G_PREFIX
+    return {
+        component: component_prefix for component, component_prefix in prefixes.items()
+        if component == "transformer" or _has_prefix(checkpoint.keys, component_prefix)
+    }  # fmt: skip
+
+
+def _flow_tensors(checkpoint: _Checkpoint, component: str, prefix: str) -> dict[str, torch.Tensor]:
+    """One component's tensors under their names in the file, as diffusers' converters read them; a bare
+    transformer (no prefix, as BFL ship Flux) is every tensor that belongs to no other component."""
+    if component == "transformer" and not prefix:
+        return {key: checkpoint.tensor(key) for key in checkpoint.keys if not key.startswith(_NOT_TRANSFORMER)}
+    return checkpoint.tensors(prefix)
 
 
 _FLOW_COMPONENT_NAMES = {  # as messages name each family's components
@@ -791,31 +818,32 @@ def _load_flow_file(
     family, prefix = _transformer_prefix(checkpoint) or ("", "")
     label = FLOW_LABELS[family]
     folder = Path(config_dir) if config_dir is not None else MODEL_CONFIGS_DIR / version
-    hub_id = _FLOW_HUB_IDS.get(version, "its diffusers folder")
-    tensors = _flow_component_tensors(checkpoint, family, prefix)
+    instead = f"pass the model's diffusers folder or hub id instead ({_FLOW_HUB_IDS.get(version, 'org/name')})"
+    prefixes = _flow_component_prefixes(checkpoint, family, prefix)
     classes = _flow_classes(family)
     t5 = "text_encoder_3" if family == "sd3" else "text_encoder_2"
     needed = [component for component in classes if component != t5 or family == "flux"]
     labels = _FLOW_COMPONENT_NAMES[family]
-    missing = [labels[component] for component in needed if component not in tensors]
+    missing = [labels[component] for component in needed if component not in prefixes]
     if missing:
         raise ModelError(
-            f"{name} is a {label} file without its {', '.join(missing)}: pass the model's diffusers folder or hub id "
-            f"instead ({hub_id})"
+            f"{name} is a {label} file without its {', '.join(missing)}: {instead}"
         )
     t5_tokenizer = "tokenizer_3" if family == "sd3" else "tokenizer_2"
-    if t5 in tensors and not (folder / t5_tokenizer / "tokenizer_config.json").is_file():
+    if t5 in prefixes and not (folder / t5_tokenizer / "tokenizer_config.json").is_file():
         raise ModelError(
-            f"{name} holds T5 weights, but {folder} has no T5 tokenizer ({t5_tokenizer}/): pass the model's "
-            f"diffusers folder or hub id instead ({hub_id})"
+            f"{name} holds T5 weights, but {folder} has no T5 tokenizer ({t5_tokenizer}/): {instead}"
         )
     clip_tokenizers = ["tokenizer", "tokenizer_2"] if family == "sd3" else ["tokenizer"]
-    _check_config_folder(folder, [*(c for c in classes if c in tensors), *clip_tokenizers, "scheduler"], label)
+    _check_config_folder(folder, [*(c for c in classes if c in prefixes), *clip_tokenizers, "scheduler"], label)
     parts: dict[str, Any] = {t5: None, t5_tokenizer: None}
     for component, model_class in classes.items():
-        if component not in tensors:
+        if component not in prefixes:
             continue
-        component_tensors = tensors.pop(component)
+        try:
+            component_tensors = _flow_tensors(checkpoint, component, prefixes[component])
+        except Exception as error:  # a truncated or damaged file fails here, not when opened
+            raise ModelError(f"cannot read the {labels[component]} weights in {name}: {_first_line(error)}") from None
         try:
             with _without_cast_warning():
                 model = _load_flow_component(model_class, component_tensors, folder, component, torch_dtype)
@@ -848,7 +876,8 @@ def load_single_file(
     config_dir: Path | None = None,
     prediction_type: str | None = None,
 ) -> dict[str, Any]:
-    """Load an original-format SD 1.x/2.x or SDXL checkpoint into diffusers/transformers objects, offline.
+    """Load an original-format SD 1.x/2.x, SDXL, SD3/SD3.5 or Flux.1 checkpoint into diffusers/transformers
+    objects, offline.
 
     Returns ``{"unet", "vae", "text_encoder", "tokenizer", "scheduler", "family", "pipeline_config"}``,
     plus ``"text_encoder_2"`` (CLIPTextModelWithProjection) and ``"tokenizer_2"`` for SDXL.
@@ -860,6 +889,14 @@ def load_single_file(
     scheduler). ``prediction_type`` overrides the scheduler's (and picks ``sd2`` vs ``sd2-v``,
     ``sdxl`` vs ``sdxl-v``). Only the UNet's ``model.diffusion_model.*`` weights are used, never
     ``model_ema.*`` copies, as diffusers does by default.
+
+    An SD3/SD3.5 or Flux.1 file gives ``family`` ``"sd3"`` or ``"flux"``, its transformer as ``"unet"``
+    (the denoiser's name in ModelComponents), ``text_encoder_2``/``tokenizer_2`` (SD3's CLIP-G, Flux's
+    T5), for SD3 ``text_encoder_3``/``tokenizer_3`` (T5, None when the file has none), and a
+    FlowMatchEulerDiscreteScheduler; ``prediction_type`` does not apply to them (InputError). Such a
+    file must hold every component but SD3's T5 (a transformer-only Flux file, an SD3 file without its
+    CLIPs are refused in one line that names the diffusers repo to use instead), and T5 weights need a
+    T5 tokenizer in the config folder, which the shipped ones lack (see the module docstring).
 
     Raises InputError for a pickle (``.ckpt``/``.pt``/``.pth``/``.bin``) unless ``allow_pickle``, and
     ModelError, with one line, for an unreadable file or one that is not an SD 1.x/2.x or SDXL base
