@@ -40,6 +40,7 @@ from ddsedit.tiny import build_tiny_sdxl_pipeline  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
+UNET_PREFIX = "model.diffusion_model."
 UNET_ATTN2 = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat", reference CLIP tokenizer
 
@@ -852,3 +853,367 @@ def test_vae_files_that_do_not_fit_fail_in_one_line(tiny_sdxl, tiny, tmp_path):
     corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     with pytest.raises(ModelError, match="not a valid safetensors file"):
         load_single_file_vae(corrupt, vae.config, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# SD3 and Flux.1 single files
+
+
+def _swap_halves(weight: torch.Tensor) -> torch.Tensor:
+    """diffusers' final AdaLayerNormContinuous is (scale, shift); the original MMDiT's is (shift, scale)."""
+    first, second = weight.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def mmdit_to_original(state: dict[str, torch.Tensor], prefix: str = UNET_PREFIX) -> dict[str, torch.Tensor]:
+    """diffusers SD3Transformer2DModel keys -> the original MMDiT's (``joint_blocks.N.{x,context}_block.*``)."""
+    plain = {
+        "pos_embed.pos_embed": "pos_embed", "pos_embed.proj": "x_embedder.proj",
+        "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+        "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+        "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+        "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+        "context_embedder": "context_embedder", "proj_out": "final_layer.linear",
+    }  # fmt: skip
+    block = {
+        "attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+        "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
+        "ff_context.net.0.proj": "context_block.mlp.fc1", "ff_context.net.2": "context_block.mlp.fc2",
+        "norm1.linear": "x_block.adaLN_modulation.1", "norm1_context.linear": "context_block.adaLN_modulation.1",
+    }  # fmt: skip
+    converted: dict[str, torch.Tensor] = {}
+    layers = 1 + max(int(key.split(".")[1]) for key in state if key.startswith("transformer_blocks."))
+    for key, value in state.items():
+        stem, _, kind = key.rpartition(".")
+        if key == "pos_embed.pos_embed":
+            converted["pos_embed"] = value
+        elif stem in plain:
+            converted[f"{plain[stem]}.{kind}"] = value
+        elif stem == "norm_out.linear":
+            converted[f"final_layer.adaLN_modulation.1.{kind}"] = _swap_halves(value)
+        elif match := re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", stem):
+            index, rest = int(match[1]), match[2]
+            if rest in ("attn.to_q", "attn.add_q_proj"):  # q, k and v are one projection there
+                names = ("to_q", "to_k", "to_v") if rest == "attn.to_q" else ("add_q_proj", "add_k_proj", "add_v_proj")
+                parts = [state[f"transformer_blocks.{index}.attn.{name}.{kind}"] for name in names]
+                side = "x_block" if rest == "attn.to_q" else "context_block"
+                converted[f"joint_blocks.{index}.{side}.attn.qkv.{kind}"] = torch.cat(parts)
+            elif rest in block:
+                last_context = index == layers - 1 and rest == "norm1_context.linear"  # the last block's is continuous
+                converted[f"joint_blocks.{index}.{block[rest]}.{kind}"] = _swap_halves(value) if last_context else value
+            elif not re.fullmatch(r"attn\.(to_[kv]|add_[kv]_proj)", rest):
+                raise AssertionError(f"no MMDiT name for {key}")
+        else:
+            raise AssertionError(f"no MMDiT name for {key}")
+    return {prefix + key: value for key, value in converted.items()}
+
+
+def _identity_projection(folder: Path) -> None:
+    """SD3's CLIP-L pooled output is used unprojected: its single files hold no projection (diffusers loads an
+    identity one), so the tiny folder's is made the identity for the round trip."""
+    encoder = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder")
+    with torch.no_grad():
+        encoder.text_projection.weight.copy_(torch.eye(encoder.text_projection.weight.shape[0]))
+    encoder.save_pretrained(folder / "text_encoder")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3_file(tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny SD3 pipeline (T5 included) as one original-layout file, and its folder (also its configs)."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import T5EncoderModel
+
+    from ddsedit.tiny import build_tiny_sd3_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-sd3-file")
+    folder = build_tiny_sd3_pipeline(root / "folder")
+    _identity_projection(folder)
+    transformer = SD3Transformer2DModel.from_pretrained(folder / "transformer")
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    clip_l = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder")
+    clip_g = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")
+    t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_3")
+    clip_l_state = {key: value for key, value in clip_l.state_dict().items() if not key.startswith("text_projection")}
+    tensors = {
+        **mmdit_to_original(transformer.state_dict()),
+        **vae_to_ldm(vae.state_dict(), vae.config),
+        **clip_to_ldm(clip_l_state, "text_encoders.clip_l.transformer."),
+        **clip_to_ldm(clip_g.state_dict(), "text_encoders.clip_g.transformer."),
+        **{"text_encoders.clip_g.transformer.text_projection.weight": clip_g.text_projection.weight},
+        **{f"text_encoders.t5xxl.transformer.{key}": value for key, value in t5.state_dict().items()},
+    }
+    tensors = {key: value.contiguous().clone() for key, value in tensors.items()}
+    return _write(root / "sd3_tiny_incl_clips_t5.safetensors", tensors), folder
+
+
+def _assert_equal_weights(mine: torch.nn.Module, theirs: torch.nn.Module, name: str) -> None:
+    expected = theirs.state_dict()
+    assert sorted(mine.state_dict()) == sorted(expected), name
+    for key, value in mine.state_dict().items():
+        assert torch.equal(value, expected[key]), f"{name}: {key}"
+
+
+def test_sd3_single_file_round_trip(tiny_sd3_file) -> None:
+    from ddsedit.loading import load_sd3_folder
+
+    path, folder = tiny_sd3_file
+    parts = load_single_file(path, torch.float32, config_dir=folder)
+    expected = load_sd3_folder(folder, torch.float32)
+    assert parts["family"] == "sd3" and parts["pipeline_config"] == {}
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        _assert_equal_weights(parts[name], expected[name], name)
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        assert parts[name]("a red circle").input_ids == expected[name]("a red circle").input_ids, name
+    assert parts["scheduler"].config.shift == 3.0
+
+
+def _flow_stub(family: str, blocks: int = 24, width: int = 1536, prefix: str = UNET_PREFIX, **extra: bool):
+    """Tensors named (and, where detection reads a shape, shaped) as an SD3 or Flux.1 file's."""
+    one = torch.zeros(1)  # cloned below: safetensors refuses shared storage
+    if family == "sd3":
+        tensors = {f"{prefix}joint_blocks.{index}.x_block.attn.qkv.weight": one for index in range(blocks)}
+        tensors[f"{prefix}x_embedder.proj.weight"] = torch.zeros(width, 1, 1, 1)
+        if extra.get("mmdit_x"):
+            tensors[f"{prefix}joint_blocks.0.x_block.attn2.qkv.weight"] = one
+    else:
+        tensors = {f"{prefix}double_blocks.0.img_attn.qkv.weight": one,
+                   f"{prefix}img_in.weight": torch.zeros(1, 384 if extra.get("fill") else 64)}  # fmt: skip
+        if extra.get("guidance"):
+            tensors[f"{prefix}guidance_in.in_layer.weight"] = one
+    for part in ("vae", "clip_l", "clip_g", "t5"):
+        if extra.get(part):
+            name = {"vae": "first_stage_model.decoder.conv_in.weight", "t5": "text_encoders.t5xxl.transformer.x"}.get(
+                part, f"text_encoders.{part}.transformer.x"
+            )
+            tensors[name] = one
+    return {key: value.clone() for key, value in tensors.items()}
+
+
+@pytest.mark.parametrize(
+    ("family", "options", "expected"),
+    [
+        ("sd3", {}, "sd3-medium"),
+        ("sd3", {"blocks": 38, "width": 2432}, "sd3.5-large"),
+        ("flux", {"guidance": True}, "flux-dev"),
+        ("flux", {"guidance": True, "prefix": ""}, "flux-dev"),  # BFL's transformer-only layout
+        ("flux", {}, "flux-schnell"),
+    ],
+)
+def test_detect_flow_models(tmp_path, family, options, expected) -> None:
+    path = _write(tmp_path / "model.safetensors", _flow_stub(family, **options))
+    assert detect_sd_version(path) == expected
+    assert checkpoints.VERSION_FAMILIES[expected] == family
+    assert (checkpoints.MODEL_CONFIGS_DIR / expected / "transformer" / "config.json").is_file()
+
+
+def test_flow_files_without_a_shipped_config_or_a_component_are_refused_in_one_line(tmp_path) -> None:
+    cases = [
+        (_flow_stub("sd3", mmdit_x=True), "SD3.5 medium .*ships no config"),
+        (_flow_stub("sd3", blocks=12, width=768), "SD3 transformer of 12 blocks 768 wide"),
+        (_flow_stub("flux", fill=True), "384 input features, not 64 .*Fill or Depth"),
+    ]
+    for tensors, message in cases:
+        path = _write(tmp_path / "model.safetensors", tensors)
+        with pytest.raises(ModelError, match=message):
+            detect_sd_version(path)
+    cases = [
+        (_flow_stub("flux", guidance=True, prefix=""),
+         r"Flux.1 file without its VAE, CLIP-L .*, T5 .*: pass .*\(black-forest-labs/FLUX.1-dev\)"),
+        (_flow_stub("sd3", vae=True), r"Stable Diffusion 3 file without its CLIP-L .*, CLIP-G .*: pass"),
+        (_flow_stub("sd3", vae=True, clip_l=True, clip_g=True, t5=True),
+         r"holds T5 weights, but .*sd3-medium has no T5 tokenizer .*stable-diffusion-3-medium-diffusers"),
+    ]  # fmt: skip
+    for tensors, message in cases:
+        path = _write(tmp_path / "model.safetensors", tensors)
+        with pytest.raises(ModelError, match=message) as raised:
+            load_single_file(path, torch.float32)
+        assert "\n" not in str(raised.value)
+    with pytest.raises(InputError, match="flow velocity"):
+        load_single_file(path, torch.float32, prediction_type="epsilon")
+
+
+def test_load_model_routes_an_sd3_file(tiny_sd3_file, monkeypatch) -> None:
+    """With the shipped-config folder pointed at the tiny model's: refused while SD3 is not supported, then loaded."""
+    from ddsedit import loading
+    from ddsedit.families import FAMILIES, FLOW_FAMILIES
+
+    path, folder = tiny_sd3_file
+    configs = path.parent / "configs"
+    configs.mkdir(exist_ok=True)
+    if not (configs / "sd3-medium").exists():
+        (configs / "sd3-medium").symlink_to(folder)
+    monkeypatch.setattr(checkpoints, "MODEL_CONFIGS_DIR", configs)
+    monkeypatch.setitem(checkpoints.SD3_SIZES, (2, 32), "sd3-medium")
+    with pytest.raises(ModelError, match="Stable Diffusion 3 models are not supported yet"):
+        loading.load_model(path, device="cpu", dtype="fp32")
+    monkeypatch.setitem(FAMILIES, "sd3", FLOW_FAMILIES["sd3"])
+    components, _, _ = loading.load_model(path, device="cpu", dtype="fp32")
+    assert components.family.name == "sd3" and components.prediction_type == "velocity"
+    assert components.text_encoder_3 is not None and components.absent_text_encoders == ()
+    assert components.scheduler_config["shift"] == 3.0 and components.alphas_cumprod is None
+
+
+def flux_to_original(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """diffusers FluxTransformer2DModel keys -> BFL's (``double_blocks.N.*``, ``single_blocks.N.*``), as the
+    transformer-only files (no prefix) and ComfyUI's all-in-one ones (``model.diffusion_model.``) name them."""
+    plain = {
+        "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+        "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+        "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+        "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+        "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+        "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+        "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear",
+    }  # fmt: skip
+    double = {
+        "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+        "attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+        "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm",
+        "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0",
+        "ff_context.net.2": "txt_mlp.2", "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+    }  # fmt: skip
+    single = {"norm.linear": "modulation.lin", "attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm",
+              "proj_out": "linear2"}  # fmt: skip
+    fused = {  # diffusers' separate projections, concatenated in this order into one
+        ("transformer_blocks", "attn.to_q"): ("img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
+        ("transformer_blocks", "attn.add_q_proj"):
+            ("txt_attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+        ("single_transformer_blocks", "attn.to_q"): ("linear1", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
+    }  # fmt: skip
+    converted: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        stem, _, kind = key.rpartition(".")
+        kind = "scale" if stem.split(".")[-1].startswith("norm_") and kind == "weight" else kind  # RMSNorm scales
+        if stem in plain:
+            converted[f"{plain[stem]}.{kind}"] = value
+        elif stem == "norm_out.linear":
+            converted[f"final_layer.adaLN_modulation.1.{kind}"] = _swap_halves(value)
+        elif match := re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", stem):
+            blocks, index, rest = match[1], match[2], match[3]
+            original = "double_blocks" if blocks == "transformer_blocks" else "single_blocks"
+            renames = double if blocks == "transformer_blocks" else single
+            if (blocks, rest) in fused:
+                name, parts = fused[(blocks, rest)]
+                converted[f"{original}.{index}.{name}.{kind}"] = torch.cat(
+                    [state[f"{blocks}.{index}.{part}.{kind}"] for part in parts]
+                )
+            elif rest in renames:
+                converted[f"{original}.{index}.{renames[rest]}.{kind}"] = value
+            elif not any(rest == part for _, parts in fused.values() for part in parts):
+                raise AssertionError(f"no BFL name for {key}")
+        else:
+            raise AssertionError(f"no BFL name for {key}")
+    return {prefix + key: value for key, value in converted.items()}
+
+
+@pytest.mark.parametrize("version", ["sd3-medium", "flux-dev", "flux-schnell"])
+def test_the_tests_key_mappings_are_diffusers_inverse_at_full_size(version) -> None:
+    """The full-size models on the meta device: the test's own mapping to the original layout, then diffusers'
+    converter back, gives every tensor's name and shape. (diffusers' Flux converter assumes FLUX.1's width, 3072,
+    so the tiny Flux round trip below cannot run its transformer through it: this is where that mapping is checked.)"""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    flux = version.startswith("flux")
+    model_class = FluxTransformer2DModel if flux else SD3Transformer2DModel
+    with init_empty_weights():
+        model = model_class.from_config(model_class.load_config(MODEL_CONFIGS_DIR / version / "transformer"))
+    state = model.state_dict()
+    original = flux_to_original(state) if flux else mmdit_to_original(state, prefix="")
+    convert = (
+        checkpoints.single_file_utils.convert_flux_transformer_checkpoint_to_diffusers if flux
+        else checkpoints.single_file_utils.convert_sd3_transformer_checkpoint_to_diffusers
+    )  # fmt: skip
+    back = convert(dict(original))
+    assert {key: tuple(value.shape) for key, value in back.items()} == {
+        key: tuple(value.shape) for key, value in state.items()
+    }
+
+
+@pytest.mark.parametrize("guidance_embeds", [True, False], ids=["dev", "schnell"])
+def test_flux_all_in_one_file_round_trip(tmp_path, monkeypatch, guidance_embeds) -> None:
+    """ComfyUI's all-in-one layout (``model.diffusion_model.*``, ``vae.*``, ``text_encoders.clip_l.*``,
+    ``text_encoders.t5xxl.*``): every component loads back equal to the tiny folder's. diffusers' Flux converter
+    splits single blocks at FLUX.1's width (3072), so here it is replaced by one that checks it is handed exactly
+    the transformer's tensors in BFL's layout and answers the folder's; the mapping itself is checked at full
+    size above."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+    from transformers import T5EncoderModel
+
+    from ddsedit.loading import load_flux_folder
+    from ddsedit.tiny import build_tiny_flux_pipeline
+
+    folder = build_tiny_flux_pipeline(tmp_path / "folder", guidance_embeds=guidance_embeds)
+    transformer_state = FluxTransformer2DModel.from_pretrained(folder / "transformer").state_dict()
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    clip_l = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_2")
+    original_transformer = flux_to_original(transformer_state)
+    vae_tensors = {"vae." + key.removeprefix("first_stage_model."): value
+                   for key, value in vae_to_ldm(vae.state_dict(), vae.config).items()}  # fmt: skip
+    tensors = {
+        **{UNET_PREFIX + key: value for key, value in original_transformer.items()},
+        **vae_tensors,
+        **clip_to_ldm(clip_l.state_dict(), "text_encoders.clip_l.transformer."),
+        **{f"text_encoders.t5xxl.transformer.{key}": value for key, value in t5.state_dict().items()},
+    }
+    tensors = {key: value.contiguous().clone() for key, value in tensors.items()}
+    path = _write(tmp_path / "flux1-tiny-all-in-one.safetensors", tensors)
+
+    def handed_the_transformer(checkpoint, **kwargs):
+        received = {key.removeprefix(UNET_PREFIX): value for key, value in checkpoint.items()}
+        assert received.keys() == original_transformer.keys()
+        assert all(torch.equal(received[key], value) for key, value in original_transformer.items())
+        return {key: value.clone() for key, value in transformer_state.items()}
+
+    monkeypatch.setitem(SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"], "checkpoint_mapping_fn",
+                        handed_the_transformer)  # fmt: skip
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / ("flux-dev" if guidance_embeds else "flux-schnell")).symlink_to(folder)
+    monkeypatch.setattr(checkpoints, "MODEL_CONFIGS_DIR", configs)
+    assert detect_sd_version(path) == ("flux-dev" if guidance_embeds else "flux-schnell")
+    parts = load_single_file(path, torch.float32)
+    expected = load_flux_folder(folder, torch.float32)
+    assert parts["family"] == "flux" and parts["unet"].config.guidance_embeds == guidance_embeds
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        _assert_equal_weights(parts[name], expected[name], name)
+    assert type(parts["text_encoder"]) is CLIPTextModel
+    for name in ("tokenizer", "tokenizer_2"):
+        assert parts[name]("a red circle").input_ids == expected[name]("a red circle").input_ids, name
+    assert parts["scheduler"].config == expected["scheduler"].config
+
+
+def test_an_sd3_file_without_t5_loads_without_it(tiny_sd3_file, tmp_path) -> None:
+    """As sd3_medium_incl_clips.safetensors: T5 absent, as the folder loader leaves it (the model runs on its CLIPs)."""
+    from safetensors.torch import load_file
+
+    path, folder = tiny_sd3_file
+    tensors = {key: value for key, value in load_file(path).items() if not key.startswith("text_encoders.t5xxl.")}
+    parts = load_single_file(_write(tmp_path / "sd3_tiny_incl_clips.safetensors", tensors), torch.float32,
+                             config_dir=folder)  # fmt: skip
+    assert parts["text_encoder_3"] is None and parts["tokenizer_3"] is None
+    assert parts["text_encoder_2"] is not None and parts["unet"].config.num_layers == 2
+
+
+@pytest.mark.parametrize(
+    ("version", "transformer_params", "guidance"),
+    [("sd3-medium", 2_028_328_000, None), ("sd3.5-large", 8_056_627_520, None),
+     ("flux-dev", 11_901_408_320, True), ("flux-schnell", 11_891_178_560, False)],
+)  # fmt: skip
+def test_shipped_flow_configs(version, transformer_params, guidance) -> None:
+    """The hub models' sizes, counted on the meta device; each folder has what its single files need."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    folder = MODEL_CONFIGS_DIR / version
+    model_class = FluxTransformer2DModel if version.startswith("flux") else SD3Transformer2DModel
+    with init_empty_weights():
+        transformer = model_class.from_config(model_class.load_config(folder / "transformer"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+    assert _count(transformer) == transformer_params
+    assert vae.config.latent_channels == 16 and not vae.config.use_quant_conv
+    if guidance is not None:
+        assert transformer.config.guidance_embeds == guidance
+    assert read_pipeline_config(folder) == {}
+    for tokenizer in ["tokenizer", "tokenizer_2"] if version.startswith("sd3") else ["tokenizer"]:
+        _assert_clip_tokenizer(folder / tokenizer, pad_id=0 if tokenizer == "tokenizer_2" else 49407)

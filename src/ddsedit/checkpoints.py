@@ -1,4 +1,4 @@
-"""Loading original-format Stable Diffusion 1.x / 2.x and SDXL single-file checkpoints, fully offline.
+"""Loading original-format Stable Diffusion 1.x / 2.x, SDXL, SD3/SD3.5 and Flux.1 single-file checkpoints, offline.
 
 A single-file checkpoint (``v1-5-pruned-emaonly.safetensors``, ``v2-1_768-ema-pruned.safetensors``,
 ``sd_xl_base_1.0.safetensors``, a fine-tune saved the same way) holds the UNet under
@@ -21,6 +21,22 @@ fetches the matching diffusers configs from the Hugging Face Hub; ddsedit ships 
 
 Each component is then built with diffusers' own single-file conversion code, pointed at the
 bundled config folder, so the weights are mapped exactly as ``from_single_file`` maps them.
+SD3/SD3.5 and Flux.1 (``load_single_file`` on such a file): Stability's all-in-one files keep the MMDiT
+under ``model.diffusion_model.*``, the VAE under ``first_stage_model.*`` and the text encoders, in
+transformers' layout, under ``text_encoders.clip_l.*``, ``text_encoders.clip_g.*`` and (in the ``t5xxl``
+variants) ``text_encoders.t5xxl.*``; ComfyUI's Flux.1 all-in-one files name the transformer the same way,
+the VAE ``vae.*``; BFL's own Flux.1 files hold the transformer alone, unprefixed (``double_blocks.*``).
+The shipped folders are
+
+* ``sd3-medium`` - stabilityai/stable-diffusion-3-medium-diffusers (24 joint blocks 1536 wide);
+* ``sd3.5-large`` - stabilityai/stable-diffusion-3.5-large (38 blocks 2432 wide, RMS q/k norms);
+* ``flux-dev``, ``flux-schnell`` - black-forest-labs/FLUX.1-dev (guidance embedding) and -schnell (none).
+
+They hold no T5 tokenizer (T5's 32k-piece sentencepiece model is not in this package yet), so a file with
+T5 weights is refused in one line pointing to the diffusers repo; SD3 files without T5
+(``sd3_medium_incl_clips.safetensors``) load whole. The components are built by diffusers' SD3 and Flux
+converters (``from_single_file``, ``create_diffusers_*``), pointed at the shipped folder.
+
 ``load_single_file_vae`` loads a standalone VAE file (``sdxl_vae.safetensors``,
 ``vae-ft-mse-840000-ema-pruned.safetensors``) into a model's VAE architecture the same way.
 
@@ -70,8 +86,12 @@ from ddsedit.formats import PICKLE_SUFFIXES
 MODEL_CONFIGS_DIR = Path(__file__).parent / "model_configs"
 CLIP_BPE_DIR = MODEL_CONFIGS_DIR / "clip_bpe"
 SD_VERSIONS = ("sd15", "sd2", "sd2-v", "sdxl", "sdxl-v")
+FLOW_VERSIONS = ("sd3-medium", "sd3.5-large", "flux-dev", "flux-schnell")
 # each version's model family, named as in ddsedit.families
-VERSION_FAMILIES = {"sd15": "sd", "sd2": "sd", "sd2-v": "sd", "sdxl": "sdxl", "sdxl-v": "sdxl"}
+VERSION_FAMILIES = {
+    "sd15": "sd", "sd2": "sd", "sd2-v": "sd", "sdxl": "sdxl", "sdxl-v": "sdxl",
+    "sd3-medium": "sd3", "sd3.5-large": "sd3", "flux-dev": "flux", "flux-schnell": "flux",
+}  # fmt: skip
 CLIP_VOCAB_SIZE = 49408
 
 UNET_PREFIX = "model.diffusion_model."
@@ -83,6 +103,16 @@ SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL base: OpenAI C
 SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL base: OpenCLIP ViT-bigG, OpenCLIP's layout
 SDXL_REFINER_PREFIX = "conditioner.embedders.0.model."  # the refiner's only text encoder, OpenCLIP ViT-bigG
 SDXL_CONTEXT_WIDTH = 2048  # SDXL's UNet attends to both encoders' features side by side: 768 + 1280
+# SD3/SD3.5 all-in-one files (and ComfyUI's Flux ones) keep their text encoders in transformers' layout here
+SD3_CLIP_L_PREFIX = "text_encoders.clip_l.transformer."
+SD3_CLIP_G_PREFIX = "text_encoders.clip_g.transformer."
+T5_PREFIX = "text_encoders.t5xxl.transformer."
+FLUX_VAE_PREFIX = "vae."  # ComfyUI's Flux checkpoints; SD3's use first_stage_model.
+SD3_MARKER = "joint_blocks.0.x_block.attn.qkv.weight"  # MMDiT's first joint block
+FLUX_MARKER = "double_blocks.0.img_attn.qkv.weight"
+FLUX_GUIDANCE_MARKER = "guidance_in.in_layer.weight"  # dev's guidance embedding; schnell has none
+# (joint blocks, hidden width) of the MMDiTs that ddsedit ships configs for
+SD3_SIZES = {(24, 1536): "sd3-medium", (38, 2432): "sd3.5-large"}
 PLAYGROUND_MARKER = "edm_mean"  # Playground v2.5: SDXL's layout, an EDM schedule and its own latent statistics
 SD2_BASE_GLOBAL_STEP = 875000  # diffusers' legacy loader: this step count marks the 512 epsilon model
 
@@ -210,6 +240,9 @@ class _Checkpoint:
             return tuple(self._handle.get_slice(key).get_shape())
         value = self._state.get(key)
         return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._handle.get_tensor(key) if self._handle is not None else self._state[key]
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors whose names start with ``prefix``, under their full names."""
@@ -413,21 +446,99 @@ def _detect(checkpoint: _Checkpoint, prediction_type: str | None) -> str:
     return "sd2-v" if chosen == "v_prediction" else "sd2"
 
 
+# ---------------------------------------------------------------------------------------------
+# SD3/SD3.5 and Flux.1 files
+
+FLOW_LABELS = {"sd3": "Stable Diffusion 3", "flux": "Flux.1"}
+_FLOW_HUB_IDS = {
+    "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
+    "flux-dev": "black-forest-labs/FLUX.1-dev",
+    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
+}
+
+
+def _transformer_prefix(checkpoint: _Checkpoint) -> tuple[str, str] | None:
+    """``(family, prefix)`` of an MMDiT (SD3) or Flux transformer's tensors: ``model.diffusion_model.`` in
+    all-in-one files, none in the transformer-only files that BFL and ComfyUI ship; None for any other file."""
+    keys = set(checkpoint.keys)
+    for prefix in (UNET_PREFIX, ""):
+        if prefix + SD3_MARKER in keys:
+            return "sd3", prefix
+        if prefix + FLUX_MARKER in keys:
+            return "flux", prefix
+    return None
+
+
+def _block_count(keys: list[str], prefix: str) -> int:
+    """How many numbered blocks (``joint_blocks.N.``) there are under ``prefix``."""
+    return 1 + max(int(key[len(prefix) :].split(".", 1)[0]) for key in keys if key.startswith(prefix))
+
+
+def _detect_flow(checkpoint: _Checkpoint, has_configs: bool) -> str | None:
+    """The shipped config folder (one of FLOW_VERSIONS) of an SD3/SD3.5 or Flux.1 file, ``""`` when the file is
+    one but the caller brings its own configs (``has_configs``) and none of the shipped ones fits, None when it is
+    no such file.
+
+    SD3 medium and SD3.5 large are told apart by the MMDiT's depth and width (24 blocks 1536 wide, 38 blocks
+    2432 wide); SD3.5 medium (an MMDiT-X: second attention in its first blocks) has no shipped config. Flux.1 dev
+    has a guidance embedding, schnell none; Fill and Depth (more input channels: the image to fill or the depth
+    map) are not text-to-image models.
+    """
+    found = _transformer_prefix(checkpoint)
+    if found is None:
+        return None
+    family, prefix = found
+    name, keys = checkpoint.path.name, checkpoint.keys
+    if family == "sd3":
+        depth = _block_count(keys, prefix + "joint_blocks.")
+        width = (checkpoint.shape(prefix + "x_embedder.proj.weight") or (0,))[0]
+        mmdit_x = any(key.startswith(prefix + "joint_blocks.") and ".x_block.attn2." in key for key in keys)
+        version = None if mmdit_x else SD3_SIZES.get((depth, width))
+        if version is None and not has_configs:
+            what = "an SD3.5 medium (MMDiT-X)" if mmdit_x else f"an SD3 transformer of {depth} blocks {width} wide"
+            raise ModelError(
+                f"{name} holds {what}, for which ddsedit ships no config (SD3 medium, SD3.5 large): "
+                "pass the model's diffusers folder or hub id instead"
+            )
+        return version or ""
+    version = "flux-dev" if prefix + FLUX_GUIDANCE_MARKER in keys else "flux-schnell"
+    in_features = (checkpoint.shape(prefix + "img_in.weight") or (0, None))[1]
+    expected = _shipped_in_channels(version)
+    if in_features != expected and not has_configs:
+        raise ModelError(
+            f"{name} is a Flux.1 model with {in_features} input features, not {expected} (Fill or Depth, which "
+            "condition on an image); ddsedit needs the text-to-image Flux.1 dev or schnell"
+        )
+    return version
+
+
+def _shipped_in_channels(version: str) -> int | None:
+    """The packed latent features that a shipped Flux config's transformer takes (64: 16 channels, 2x2)."""
+    try:
+        return json.loads((MODEL_CONFIGS_DIR / version / "transformer" / "config.json").read_text())["in_channels"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+
 def detect_sd_version(
     path: str | Path, prediction_type: str | None = None, allow_pickle: bool = False
 ) -> str:
-    """The bundled config folder (one of SD_VERSIONS) that a checkpoint's weights belong with.
+    """The bundled config folder (one of SD_VERSIONS or FLOW_VERSIONS) that a checkpoint's weights belong with.
 
     ``"sd15"``, ``"sd2"`` (epsilon, 512), ``"sd2-v"`` (v-prediction, 768), ``"sdxl"`` (epsilon,
     1024) or ``"sdxl-v"`` (v-prediction). Reads only tensor names, shapes and metadata from a
     ``.safetensors`` file (a pickle is loaded whole, and only with ``allow_pickle``).
     ``prediction_type`` (``epsilon``/``v_prediction``) overrides the guess between ``sd2`` and
-    ``sd2-v`` or ``sdxl`` and ``sdxl-v``; see the module docstring for the rules. Raises InputError
-    (missing file, refused pickle) or ModelError (not an SD 1.x/2.x or SDXL base checkpoint).
+    ``sd2-v`` or ``sdxl`` and ``sdxl-v``; see the module docstring for the rules. An SD3/SD3.5 or
+    Flux.1 file is ``"sd3-medium"``, ``"sd3.5-large"``, ``"flux-dev"`` or ``"flux-schnell"``. Raises
+    InputError (missing file, refused pickle) or ModelError (not an SD 1.x/2.x or SDXL base checkpoint,
+    or an SD3/Flux.1 model that no shipped config fits).
     """
     normalized = normalize_prediction_type(prediction_type)
     with _open_checkpoint(path, allow_pickle) as checkpoint:
-        return _detect(checkpoint, normalized)
+        return _detect_flow(checkpoint, has_configs=False) or _detect(checkpoint, normalized)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -621,6 +732,145 @@ def _load_scheduler(folder: Path, prediction_type: str | None) -> DDPMScheduler:
     return scheduler
 
 
+_NOT_TRANSFORMER = (VAE_PREFIX, FLUX_VAE_PREFIX, "text_encoders.")  # a bare transformer's file: all keys but these
+
+
+def _flow_component_prefixes(checkpoint: _Checkpoint, family: str, prefix: str) -> dict[str, str]:
+    """Where each component that an SD3 or Flux.1 file holds keeps its tensors (by component name; an absent one
+    is left out). Names only: the tensors are read one component at a time, as SD files' are."""
+    vae_prefix = VAE_PREFIX if _has_prefix(checkpoint.keys, VAE_PREFIX) else FLUX_VAE_PREFIX
+    t5 = "text_encoder_3" if family == "sd3" else "text_encoder_2"
+    prefixes = {"transformer": prefix, "vae": vae_prefix, "text_encoder": SD3_CLIP_L_PREFIX, t5: T5_PREFIX}
+    if family == "sd3":
+        prefixes["text_encoder_2"] = SD3_CLIP_G_PREFIX
+    return {
+        component: component_prefix for component, component_prefix in prefixes.items()
+        if component == "transformer" or _has_prefix(checkpoint.keys, component_prefix)
+    }  # fmt: skip
+
+
+def _flow_tensors(checkpoint: _Checkpoint, component: str, prefix: str) -> dict[str, torch.Tensor]:
+    """One component's tensors under their names in the file, as diffusers' converters read them; a bare
+    transformer (no prefix, as BFL ship Flux) is every tensor that belongs to no other component."""
+    if component == "transformer" and not prefix:
+        return {key: checkpoint.tensor(key) for key in checkpoint.keys if not key.startswith(_NOT_TRANSFORMER)}
+    return checkpoint.tensors(prefix)
+
+
+_FLOW_COMPONENT_NAMES = {  # as messages name each family's components
+    "sd3": {"transformer": "transformer", "vae": "VAE", "text_encoder": "CLIP-L (text_encoders.clip_l.*)",
+            "text_encoder_2": "CLIP-G (text_encoders.clip_g.*)", "text_encoder_3": "T5 (text_encoders.t5xxl.*)"},
+    "flux": {"transformer": "transformer", "vae": "VAE", "text_encoder": "CLIP-L (text_encoders.clip_l.*)",
+             "text_encoder_2": "T5 (text_encoders.t5xxl.*)"},
+}  # fmt: skip
+
+
+def _flow_classes(family: str) -> dict[str, type]:
+    """Each weighted component of an SD3 or Flux.1 file by its config subfolder, in load order."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import T5EncoderModel
+
+    if family == "sd3":
+        return {
+            "transformer": SD3Transformer2DModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModelWithProjection,
+            "text_encoder_2": CLIPTextModelWithProjection, "text_encoder_3": T5EncoderModel,
+        }  # fmt: skip
+    return {"transformer": FluxTransformer2DModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+            "text_encoder_2": T5EncoderModel}  # fmt: skip
+
+
+def _load_flow_component(
+    model_class: type, tensors: dict[str, torch.Tensor], folder: Path, subfolder: str, torch_dtype: torch.dtype
+) -> Any:
+    """Build one SD3/Flux component with diffusers' own single-file conversion and the folder's config for it."""
+    from transformers import T5EncoderModel
+
+    if model_class is T5EncoderModel:
+        return single_file_utils.create_diffusers_t5_model_from_checkpoint(
+            model_class, tensors, subfolder=subfolder, config=str(folder), torch_dtype=torch_dtype,
+            local_files_only=True,
+        )  # fmt: skip
+    if model_class is CLIPTextModel:
+        # Flux's CLIP-L is used without projection; diffusers' SD3 CLIP-L conversion adds an identity one.
+        with init_empty_weights():
+            model = CLIPTextModel(CLIPTextModel.config_class.from_pretrained(folder / subfolder))
+        # transformers >= 5.6 flattened CLIPTextModel (no ``text_model.`` level); files have it, or not (older ones)
+        level = "text_model." if hasattr(model, "text_model") else ""
+        state = {
+            level + key[len(SD3_CLIP_L_PREFIX) :].removeprefix("text_model."): value
+            for key, value in tensors.items() if not key.endswith("position_ids")
+        }  # fmt: skip
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.to(torch_dtype)
+    if hasattr(model_class, "from_single_file"):  # the transformer and the VAE
+        return model_class.from_single_file(
+            tensors, config=str(folder), subfolder=subfolder, local_files_only=True, torch_dtype=torch_dtype
+        )
+    return _load_component(model_class, tensors, folder, subfolder, torch_dtype)
+
+
+def _load_flow_file(
+    checkpoint: _Checkpoint, version: str, config_dir: Path | None, torch_dtype: torch.dtype
+) -> dict[str, Any]:
+    """The components of an all-in-one SD3/SD3.5 or Flux.1 file (see :func:`load_single_file`)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import T5TokenizerFast
+
+    name = checkpoint.path.name
+    family, prefix = _transformer_prefix(checkpoint) or ("", "")
+    label = FLOW_LABELS[family]
+    folder = Path(config_dir) if config_dir is not None else MODEL_CONFIGS_DIR / version
+    instead = f"pass the model's diffusers folder or hub id instead ({_FLOW_HUB_IDS.get(version, 'org/name')})"
+    prefixes = _flow_component_prefixes(checkpoint, family, prefix)
+    classes = _flow_classes(family)
+    t5 = "text_encoder_3" if family == "sd3" else "text_encoder_2"
+    needed = [component for component in classes if component != t5 or family == "flux"]
+    labels = _FLOW_COMPONENT_NAMES[family]
+    missing = [labels[component] for component in needed if component not in prefixes]
+    if missing:
+        raise ModelError(
+            f"{name} is a {label} file without its {', '.join(missing)}: {instead}"
+        )
+    t5_tokenizer = "tokenizer_3" if family == "sd3" else "tokenizer_2"
+    if t5 in prefixes and not (folder / t5_tokenizer / "tokenizer_config.json").is_file():
+        raise ModelError(
+            f"{name} holds T5 weights, but {folder} has no T5 tokenizer ({t5_tokenizer}/): {instead}"
+        )
+    clip_tokenizers = ["tokenizer", "tokenizer_2"] if family == "sd3" else ["tokenizer"]
+    _check_config_folder(folder, [*(c for c in classes if c in prefixes), *clip_tokenizers, "scheduler"], label)
+    parts: dict[str, Any] = {t5: None, t5_tokenizer: None}
+    for component, model_class in classes.items():
+        if component not in prefixes:
+            continue
+        try:
+            component_tensors = _flow_tensors(checkpoint, component, prefixes[component])
+        except Exception as error:  # a truncated or damaged file fails here, not when opened
+            raise ModelError(f"cannot read the {labels[component]} weights in {name}: {_first_line(error)}") from None
+        try:
+            with _without_cast_warning():
+                model = _load_flow_component(model_class, component_tensors, folder, component, torch_dtype)
+        except (ValueError, KeyError, RuntimeError, OSError, TypeError, AttributeError) as error:
+            raise _component_error(name, labels[component], error) from None
+        except single_file_utils.SingleFileComponentError as error:
+            raise _component_error(name, labels[component], error) from None
+        del component_tensors
+        _check_complete(model, name, labels[component])
+        parts[component] = model.eval()
+    for tokenizer in clip_tokenizers:
+        parts[tokenizer] = load_clip_tokenizer(folder / tokenizer)
+    if parts[t5] is not None:
+        parts[t5_tokenizer] = T5TokenizerFast.from_pretrained(folder / t5_tokenizer)
+    try:
+        parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot read the scheduler config in {folder}: {_first_line(error)}") from None
+    parts["unet"] = parts.pop("transformer")  # the denoiser's name in ModelComponents
+    parts["family"] = family
+    parts["pipeline_config"] = read_pipeline_config(folder)
+    return parts
+
+
+
 def load_single_file(
     path: str | Path,
     torch_dtype: torch.dtype,
@@ -628,7 +878,8 @@ def load_single_file(
     config_dir: Path | None = None,
     prediction_type: str | None = None,
 ) -> dict[str, Any]:
-    """Load an original-format SD 1.x/2.x or SDXL checkpoint into diffusers/transformers objects, offline.
+    """Load an original-format SD 1.x/2.x, SDXL, SD3/SD3.5 or Flux.1 checkpoint into diffusers/transformers
+    objects, offline.
 
     Returns ``{"unet", "vae", "text_encoder", "tokenizer", "scheduler", "family", "pipeline_config"}``,
     plus ``"text_encoder_2"`` (CLIPTextModelWithProjection) and ``"tokenizer_2"`` for SDXL.
@@ -641,12 +892,26 @@ def load_single_file(
     ``sdxl`` vs ``sdxl-v``). Only the UNet's ``model.diffusion_model.*`` weights are used, never
     ``model_ema.*`` copies, as diffusers does by default.
 
+    An SD3/SD3.5 or Flux.1 file gives ``family`` ``"sd3"`` or ``"flux"``, its transformer as ``"unet"``
+    (the denoiser's name in ModelComponents), ``text_encoder_2``/``tokenizer_2`` (SD3's CLIP-G, Flux's
+    T5), for SD3 ``text_encoder_3``/``tokenizer_3`` (T5, None when the file has none), and a
+    FlowMatchEulerDiscreteScheduler; ``prediction_type`` does not apply to them (InputError). Such a
+    file must hold every component but SD3's T5 (a transformer-only Flux file, an SD3 file without its
+    CLIPs are refused in one line that names the diffusers repo to use instead), and T5 weights need a
+    T5 tokenizer in the config folder, which the shipped ones lack (see the module docstring).
+
     Raises InputError for a pickle (``.ckpt``/``.pt``/``.pth``/``.bin``) unless ``allow_pickle``, and
     ModelError, with one line, for an unreadable file or one that is not an SD 1.x/2.x or SDXL base
     checkpoint.
     """
     normalized = normalize_prediction_type(prediction_type)
     with _open_checkpoint(path, allow_pickle) as checkpoint:
+        flow_version = _detect_flow(checkpoint, has_configs=config_dir is not None)
+        if flow_version is not None:
+            if normalized is not None:
+                family = FLOW_LABELS[VERSION_FAMILIES.get(flow_version) or _transformer_prefix(checkpoint)[0]]
+                raise InputError(f"{family} models predict a flow velocity: --prediction-type does not apply")
+            return _load_flow_file(checkpoint, flow_version, config_dir, torch_dtype)
         version = _detect(checkpoint, normalized)
         family = VERSION_FAMILIES[version]
         folder = Path(config_dir) if config_dir is not None else MODEL_CONFIGS_DIR / version

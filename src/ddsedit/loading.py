@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,24 +28,57 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 MODEL_ENVIRONMENT_VARIABLE = "DDSEDIT_MODEL"
 BUNDLED_MODELS_DIR = Path(__file__).parent / "bundled"
 DEFAULTS_FILE = "ddsedit.json"  # edit defaults stored beside a model's weights
-COMPONENT_FILES = (
+# The weighted components a family's folder loader may read, and the stem of their weight files (diffusers' and
+# transformers' own names). Hub repos of SD3 and Flux.1 also carry the whole model as one big file at the root
+# (``sd3.5_large.safetensors``, ``flux1-dev.safetensors``) and a ``text_encoders/`` folder of single files: no
+# pattern below matches those, so a download fetches each weight once, in the layout the loaders read.
+WEIGHTED_COMPONENTS = {
+    "unet": "diffusion_pytorch_model",
+    "transformer": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+    "text_encoder_2": "model",
+    "text_encoder_3": "model",
+}
+MODEL_FILES = (
     "model_index.json",
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
-    "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors",
-    "text_encoder/config.json",
-    "text_encoder/model.safetensors",
-    "text_encoder_2/config.json",
-    "text_encoder_2/model.safetensors",
+    *(f"{component}/config.json" for component in WEIGHTED_COMPONENTS),
     "tokenizer/*",
-    "tokenizer_2/*",
+    "tokenizer_2/*",  # SDXL's and SD3's second CLIP tokenizer, Flux's T5 tokenizer (spiece.model, tokenizer.json)
+    "tokenizer_3/*",  # SD3's T5 tokenizer
     "scheduler/scheduler_config.json",
     DEFAULTS_FILE,
-)
+)  # the small files of a diffusers folder, whatever its family
 VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "vae/config.json",
              "vae/diffusion_pytorch_model.safetensors")  # a hub VAE (e.g. madebyollin/sdxl-vae-fp16-fix)
 DTYPES = ("auto", "fp16", "bf16", "fp32")
+_FP16_WEIGHTS = re.compile(r"\.fp16(-\d+-of-\d+)?\.safetensors$")  # a single file or a shard
+
+
+def weights_patterns(component: str, variant: str | None = None) -> tuple[str, ...]:
+    """The hub file patterns of one component's weights: a single file, or shards and their index (big
+    transformers and T5 are sharded), plain or of a variant (``fp16``: ``model.fp16.safetensors``,
+    ``model.fp16-00001-of-00002.safetensors``, ``model.safetensors.index.fp16.json``, as diffusers and transformers
+    name them)."""
+    stem = f"{component}/{WEIGHTED_COMPONENTS[component]}"
+    if variant is None:
+        return f"{stem}.safetensors", f"{stem}-*-of-*.safetensors", f"{stem}.safetensors.index.json"
+    return (
+        f"{stem}.{variant}.safetensors",
+        f"{stem}.{variant}-*-of-*.safetensors",
+        f"{stem}.safetensors.index.{variant}.json",
+    )
+
+
+def model_file_patterns(variants: dict[str, str | None] | None = None) -> tuple[str, ...]:
+    """The hub file patterns of everything a folder loader reads, each component's weights plain or of the
+    variant in ``variants`` (by component name). Components a repo does not have match nothing."""
+    variants = variants or {}
+    weights = [weights_patterns(component, variants.get(component)) for component in WEIGHTED_COMPONENTS]
+    return (*MODEL_FILES, *(pattern for patterns in weights for pattern in patterns))
+
+
+COMPONENT_FILES = model_file_patterns()  # what a download fetches: the plain weights of every component
 SDXL_REFINER_MESSAGE = (
     "{name} is the SDXL refiner (one text encoder, image-to-image only); ddsedit needs an SDXL base model "
     "or a fine-tune of it"
@@ -229,14 +263,37 @@ def model_identity(model: str | os.PathLike | None, kind: str, path: Path) -> st
 
 
 def _cached_snapshot(repo_id: str, patterns: tuple[str, ...] = COMPONENT_FILES) -> Path | None:
-    """The local folder of a hub model if the Hugging Face cache holds it, else None."""
-    from huggingface_hub import snapshot_download
+    """The local folder of a hub model if the Hugging Face cache holds it, else None.
+
+    huggingface_hub refuses a snapshot that lacks a file its cached listing of the repo matches (an interrupted
+    download, say), so the patterns name only what the loader reads. For a model (the default patterns), a cache
+    filled by diffusers with ``variant="fp16"`` holds some components' weights only as fp16 files: those
+    components are then looked for in that variant, which is also the one :func:`weights_variant` loads.
+    """
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=list(patterns), local_files_only=True))
+        return _local_snapshot(repo_id, patterns)
+    except LocalEntryNotFoundError as error:
+        incomplete = getattr(error, "snapshot_path", None)  # IncompleteSnapshotError (huggingface_hub >= 1.x)
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    if incomplete is None or patterns != COMPONENT_FILES:
+        return None
+    variants = {component: weights_variant(Path(incomplete) / component) for component in WEIGHTED_COMPONENTS}
+    if not any(variants.values()):
+        return None
+    try:
+        return _local_snapshot(repo_id, model_file_patterns(variants))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
         return None
+
+
+def _local_snapshot(repo_id: str, patterns: tuple[str, ...]) -> Path:
+    """The cached snapshot folder of ``repo_id``, never the network; raises huggingface_hub's errors."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, allow_patterns=list(patterns), local_files_only=True))
 
 
 def _hub_snapshot(repo_id: str, patterns: tuple[str, ...] = COMPONENT_FILES) -> Path:
@@ -320,7 +377,11 @@ def folder_family(folder: Path) -> Family:
 def model_family(kind: str, path: Path) -> Family:
     """The family of a located model (:func:`locate_model`), read without loading weights: a folder's
     model_index.json, a ``.safetensors`` file's header; a pickle or an unreadable file is taken as SD 1.x/2.x
-    (its load then tells the truth, or reports the problem)."""
+    (its load then tells the truth, or reports the problem).
+
+    Raises:
+        ModelError: the model is of a family ddsedit does not support (yet).
+    """
     if kind == "folder":
         return folder_family(path)
     if path.suffix.lower() != ".safetensors":
@@ -329,9 +390,21 @@ def model_family(kind: str, path: Path) -> Family:
     from ddsedit.errors import DDSEditError
 
     try:
-        return FAMILIES[VERSION_FAMILIES[detect_sd_version(path)]]
+        name = VERSION_FAMILIES[detect_sd_version(path)]
     except DDSEditError:
         return FAMILIES[DEFAULT_FAMILY]
+    return family_named(name)
+
+
+def family_named(name: str) -> Family:
+    """The supported family called ``name`` (as single-file loading names them); a declared family that is not
+    supported yet is refused in one line, as its folders are by :func:`folder_family`."""
+    if name not in FAMILIES:
+        from ddsedit.checkpoints import FLOW_LABELS
+
+        known = ", ".join(family.label for family in FAMILIES.values())
+        raise ModelError(f"{FLOW_LABELS.get(name, name)} models are not supported yet (supported: {known})")
+    return FAMILIES[name]
 
 
 def _load_components(folder: Path, label: str, loaders: dict[str, Any]) -> dict[str, Any]:
@@ -347,10 +420,11 @@ def _load_components(folder: Path, label: str, loaders: dict[str, Any]) -> dict[
 
 
 def weights_variant(folder: Path) -> str | None:
-    """``"fp16"`` when a component folder holds only fp16-variant weights (``*.fp16.safetensors``, as hub
-    downloads with ``variant="fp16"`` leave them), else None: the plain weights."""
+    """``"fp16"`` when a component folder holds only fp16-variant weights (``*.fp16.safetensors``, or shards
+    ``*.fp16-00001-of-00002.safetensors``, as hub downloads with ``variant="fp16"`` leave them), else None: the
+    plain weights."""
     names = [path.name for path in folder.glob("*.safetensors")] if folder.is_dir() else []
-    if names and all(name.endswith(".fp16.safetensors") for name in names):
+    if names and all(_FP16_WEIGHTS.search(name) for name in names):
         return "fp16"
     return None
 
@@ -502,8 +576,9 @@ def load_model(
     else:
         from ddsedit.checkpoints import load_single_file
 
+        model_family(kind, path)  # before any weights load: a family not supported yet is one line at once
         parts = load_single_file(path, torch_dtype, allow_pickle=allow_pickle, prediction_type=prediction_type)
-        family = FAMILIES[parts.get("family", DEFAULT_FAMILY)]
+        family = family_named(parts.get("family", DEFAULT_FAMILY))
         defaults = {}
     vae_identity = None
     if vae is not None:
