@@ -8,8 +8,9 @@ The edit is the product's FlowEdit (:func:`ddsedit.flowgradients.flowedit_edit`,
 runs) over the model's own sigma schedule, with FlowEdit's authors' settings: SD3 integrates 33 of 50 steps,
 each step one transformer call of 4 rows per image (source unconditional and conditional, target unconditional
 and conditional; CFG 3.5 for the source, 13.5 for the target); Flux.1-dev integrates 24 of 28 steps, each one
-call of 2 rows (source, target) with the guidance embedded (1.5 for the source, 5.5 for the target), no CFG. Timing does not depend on the weights, so the
-transformer has random weights from the shipped configs (``sdxl``'s way, but built in the chosen dtype directly
+call of 2 rows (source, target) with the guidance embedded (1.5 for the source, 5.5 for the target), no CFG.
+Timing does not depend on the weights, so the transformer has random weights from the shipped configs (``sdxl``'s
+way, but built in the chosen dtype directly
 on the device: no fp32 copy of 12 B parameters on the CPU first).
 
 Only the transformer is timed. The text encoders are not loaded: the prompts' conditioning is random, of the

@@ -1033,9 +1033,8 @@ def test_flow_files_without_a_shipped_config_or_a_component_are_refused_in_one_l
 
 
 def test_load_model_routes_an_sd3_file(tiny_sd3_file, monkeypatch) -> None:
-    """With the shipped-config folder pointed at the tiny model's: refused while SD3 is not supported, then loaded."""
+    """With the shipped-config folder pointed at the tiny model's, the file loads as SD3."""
     from ddsedit import loading
-    from ddsedit.families import FAMILIES, FLOW_FAMILIES
 
     path, folder = tiny_sd3_file
     configs = path.parent / "configs"
@@ -1044,9 +1043,6 @@ def test_load_model_routes_an_sd3_file(tiny_sd3_file, monkeypatch) -> None:
         (configs / "sd3-medium").symlink_to(folder)
     monkeypatch.setattr(checkpoints, "MODEL_CONFIGS_DIR", configs)
     monkeypatch.setitem(checkpoints.SD3_SIZES, (2, 32), "sd3-medium")
-    with pytest.raises(ModelError, match="Stable Diffusion 3 models are not supported yet"):
-        loading.load_model(path, device="cpu", dtype="fp32")
-    monkeypatch.setitem(FAMILIES, "sd3", FLOW_FAMILIES["sd3"])
     components, _, _ = loading.load_model(path, device="cpu", dtype="fp32")
     assert components.family.name == "sd3" and components.prediction_type == "velocity"
     assert components.text_encoder_3 is not None and components.absent_text_encoders == ()

@@ -15,8 +15,8 @@ def test_sd_is_the_first_family_and_others_are_refused_in_one_line() -> None:
     assert sd is FAMILIES["sd"] is family_of_pipeline(None)
     assert (sd.prediction, sd.default_size) == (NOISE, 512)
     assert callable(sd.function("encode_prompts")) and callable(sd.function("call_denoiser"))
-    with pytest.raises(ModelError, match="StableDiffusion3Pipeline models are not supported yet"):
-        family_of_pipeline("StableDiffusion3Pipeline")
+    with pytest.raises(ModelError, match="HunyuanDiTPipeline models are not supported yet"):
+        family_of_pipeline("HunyuanDiTPipeline")
 
 
 def test_conditioning_rows_stack_and_split_with_their_extra_tensors() -> None:

@@ -397,13 +397,10 @@ def model_family(kind: str, path: Path) -> Family:
 
 
 def family_named(name: str) -> Family:
-    """The supported family called ``name`` (as single-file loading names them); a declared family that is not
-    supported yet is refused in one line, as its folders are by :func:`folder_family`."""
+    """The family called ``name`` (as single-file loading names them)."""
     if name not in FAMILIES:
-        from ddsedit.checkpoints import FLOW_LABELS
-
         known = ", ".join(family.label for family in FAMILIES.values())
-        raise ModelError(f"{FLOW_LABELS.get(name, name)} models are not supported yet (supported: {known})")
+        raise ModelError(f"{name} models are not supported (supported: {known})")
     return FAMILIES[name]
 
 
