@@ -270,7 +270,7 @@ def test_eval_shapes_runs_a_subset_of_methods(tiny_model_dir, tmp_path) -> None:
     replaced = runner.invoke(app, [*args, "--methods", "dds", "--no-hold", "--out-dir", str(out_dir), "--overwrite"])
     assert replaced.exit_code == 0, replaced.stderr
     refused = runner.invoke(app, [*args, "--methods", "dds,ddim", "--out-dir", str(tmp_path / "no")])
-    _assert_one_line_error(refused, 2, "--methods must be some of sds, dds, masked-dds, cds, pds, ids")
+    _assert_one_line_error(refused, 2, "--methods must be some of sds, dds, masked-dds, flowedit, cds, pds, ids")
     assert not (tmp_path / "no").exists()
 
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ddsedit.editor import Editor, EditRequest
-from ddsedit.methods import method_names
+from ddsedit.methods import get_method, method_names
 
 QUERY, REF = "a blue square", "a red circle"
 
@@ -34,7 +34,7 @@ def _mask() -> Image.Image:
 
 # cut_patches 16, far below the feature maps' 256 and 64 positions: which positions are drawn matters.
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
-    **{method: (method, {}) for method in method_names()},
+    **{method: (method, {}) for method in method_names() if "sd" in get_method(method).families},
     "cds-few-patches": ("cds", {"cut_patches": 16}),
     "ids-with-cut": ("ids", {"cut_weight": 3.0, "cut_patches": 16}),
 }
@@ -57,6 +57,23 @@ def test_same_seed_same_bytes_other_seed_other_bytes(case: str, tiny_editor: Edi
     first = _edit(tiny_editor, method, seed=11, global_seed=0, **settings)
     assert _edit(tiny_editor, method, seed=11, global_seed=12345, **settings) == first
     assert _edit(tiny_editor, method, seed=12, global_seed=0, **settings) != first
+
+
+FLOW_CASES = {method: {"n_max": 3} if method == "flowedit" else {} for method in method_names()
+              if "sd3" in get_method(method).families}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sd3_editor(tiny_sd3_dir) -> Editor:
+    return Editor.from_pretrained(tiny_sd3_dir, device="cpu")
+
+
+@pytest.mark.parametrize("method", list(FLOW_CASES))
+def test_flow_methods_are_functions_of_their_seed(method: str, sd3_editor: Editor) -> None:
+    settings = {"size": 32, **FLOW_CASES[method]}
+    first = _edit(sd3_editor, method, seed=11, global_seed=0, **settings)
+    assert _edit(sd3_editor, method, seed=11, global_seed=12345, **settings) == first
+    assert _edit(sd3_editor, method, seed=12, global_seed=0, **settings) != first
 
 
 def test_cds_in_a_batch_draws_each_images_own_patches(tiny_editor: Editor) -> None:

@@ -19,7 +19,7 @@ from ddsedit.settings import INPUT_PANEL, MODEL_PANEL, SPEED_PANEL, EditConfig, 
 EVAL_SETTINGS = ("steps", "guidance", "lr", "t_min", "t_max")
 
 
-def eval_runs(family: str | None = "sd") -> tuple[str, ...]:
+def eval_runs(family: str | None = None) -> tuple[str, ...]:
     """What --methods may name: every registered method that supports ``family`` (None: any), and masked DDS with
     the automatic mask."""
     from ddsedit.methods import get_method, method_names
@@ -37,7 +37,7 @@ def eval_parameters() -> list[inspect.Parameter]:
                   "about 1.5 hours on 2 CPU cores (ids's step is 6-8x DDS's); --methods dds about 6 minutes.")
     methods_help = ("Comma-separated methods to run on the recolour cases (masked-dds-auto: masked DDS with --mask "
                     "auto, whose masks are scored too): a subset screens a model faster. Default: every method the "
-                    f"model's family supports ({', '.join(eval_runs())} on SD).")  # fmt: skip
+                    f"model's family supports ({', '.join(eval_runs('sd'))} on SD).")  # fmt: skip
     return [
         parameter("model", Annotated[str, typer.Option(
             "--model", help="Model to evaluate (a shapes-world model).", rich_help_panel=MODEL_PANEL)], "shapes"),
@@ -84,7 +84,7 @@ def _run_eval(*, model: str, cases: int, swaps: int, seed: int, methods: str, ho
 
     if cases < 2 or swaps < 0 or batch_size < 1:
         raise InputError("--cases must be >= 2, --swaps >= 0 and --batch-size >= 1")
-    runs = eval_runs(None)
+    runs = eval_runs()
     chosen = tuple(dict.fromkeys(m.strip() for m in methods.split(",") if m.strip()))
     if methods.strip() and (not chosen or any(m not in runs for m in chosen)):
         raise InputError(f"--methods must be some of {', '.join(runs)} (comma-separated), got {methods!r}")
