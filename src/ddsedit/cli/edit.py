@@ -61,7 +61,8 @@ def _fixed_parameters(method: Method) -> list[inspect.Parameter]:
     start_help = ("Start from this image instead of --src (e.g. an earlier result, to run more steps); same size as "
                   "--src, which stays the image the edit compares against.")  # fmt: skip
     panel = INPUT_PANEL
-    return [
+    noise_models = method.gradient is not None
+    parameters = [
         parameter("src", SrcOption, inspect.Parameter.empty),
         parameter("query", QueryOption, inspect.Parameter.empty),
         parameter("ref", RefOption, inspect.Parameter.empty if method.needs_ref else ""),
@@ -90,6 +91,9 @@ def _fixed_parameters(method: Method) -> list[inspect.Parameter]:
             "--compile", help="torch.compile the UNet: slower start, faster steps on a GPU.",
             rich_help_panel=SPEED_PANEL)], False),
     ]  # fmt: skip
+    # A method of flow models only (FlowEdit) starts from the source, and flow models predict a velocity.
+    unused = set() if noise_models else {"prediction_type", *(() if method.velocity is not None else ("start",))}
+    return [item for item in parameters if item.name not in unused]
 
 
 def _mask_parameters(method: Method) -> list[inspect.Parameter]:
@@ -156,10 +160,10 @@ def run_edit(method: Method, **options: Any) -> None:
 
     src, query, ref = options.pop("src"), options.pop("query"), options.pop("ref", "")
     mask, save_mask = options.pop("mask", None), options.pop("save_mask", None)
-    output, start, frames, animation = (options.pop(name) for name in ("output", "start", "frames", "animation"))
+    output, start, frames, animation = (options.pop(name, None) for name in ("output", "start", "frames", "animation"))
     quiet, verbose, overwrite = options.pop("quiet"), options.pop("verbose"), options.pop("overwrite")
     check_prompts(method.name, query, ref)
-    check_prediction_type(options["prediction_type"])
+    check_prediction_type(options.get("prediction_type"))
     mask_flags = {name: options.pop(name, None) for name in ("strength", "noises", "threshold", "grow")}
     auto_mask = auto_mask_settings(mask, ref, query, mask_flags)
     items = {**declared_by_name(EditConfig), **declared_by_name(method.options)}
@@ -202,7 +206,7 @@ def run_edit(method: Method, **options: Any) -> None:
     with stderr.status("loading model...", spinner="dots") if not quiet else contextlib.nullcontext():
         editor = Editor.from_pretrained(
             options["model"], device=options["device"], dtype=options["dtype"], allow_pickle=options["allow_pickle"],
-            prediction_type=options["prediction_type"], keep_text_encoder=False, cpu_offload=options["cpu_offload"],
+            prediction_type=options.get("prediction_type"), keep_text_encoder=False, cpu_offload=options["cpu_offload"],
             compile_unet=options["compile_unet"], cuda_graph=options.get("cuda_graph", False), vae=options["vae"],
         )  # fmt: skip
     config = editor.config(method.name, **given)
