@@ -183,3 +183,22 @@ def test_make_tiny_model_writes_sd3_and_flux(tmp_path: Path) -> None:
         assert Editor.from_pretrained(folder, device="cpu").family.name == family
     result = _cli("make-tiny-model", str(tmp_path / "both"), "--sd3", "--flux")
     assert result.exit_code == 2 and "choose one layout" in result.stderr
+
+
+def test_batch_and_eval_refuse_settings_of_the_other_kind_of_model(tiny_sd3_dir: Path, tiny_model_dir: Path,
+                                                                   circle_files: dict[str, Path],
+                                                                   tmp_path: Path) -> None:  # fmt: skip
+    manifest = tmp_path / "rows.csv"
+    manifest.write_text(f"src,method,ref,query\n{circle_files['src']},dds,{REF},{QUERY}\n")
+    batch = ["batch", str(manifest), "--out-dir", str(tmp_path / "out"), "--quiet"]
+    for arguments, text in [
+        ([*batch, "--model", str(tiny_sd3_dir), "--t-min", "5"], "--t-min acts only on"),
+        ([*batch, "--model", str(tiny_model_dir), "--eta", "0"], "--eta acts only on"),
+        (["eval-shapes", "--model", str(tiny_sd3_dir), "--t-max", "900", "--cases", "2", "--out-dir",
+          str(tmp_path / "eval")], "--t-max acts only on"),
+    ]:
+        result = _cli(*arguments)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert text in lines[0], lines[0]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -166,6 +166,18 @@ def acting(values: Any, prediction: str | None = None) -> Iterator[Declared]:
             yield item
 
 
+def misapplied(item: Declared, family: Any) -> str | None:
+    """Why the setting ``item``, given explicitly, cannot act on a model of ``family`` (None: it can): a setting of
+    noise-predicting models (``--t-min``) on SD3, or of rectified-flow ones (``--eta``) on SD."""
+    applies_to = item.info.applies_to
+    if applies_to is None or applies_to == family.prediction:
+        return None
+    from ddsedit.families import FAMILIES
+
+    labels = [each.label for each in FAMILIES.values() if each.prediction == applies_to]
+    return f"{item.flag} acts only on {' and '.join(labels)} models, not on {family.label} ones"
+
+
 @dataclass(frozen=True)
 class NoOptions:
     """The options class of a method that has none beyond the shared settings."""

@@ -87,8 +87,8 @@ def resolve_defaults(
         read_defaults,
         vae_identity_of,
     )
-    from ddsedit.methods import method_names
-    from ddsedit.settings import option_names, resolve_config
+    from ddsedit.methods import method_names, option_declaration
+    from ddsedit.settings import EditConfig, declared_by_name, misapplied, option_names, resolve_config
 
     used = [get_method(name) for name in (methods if methods is not None else method_names())]
     overrides = options.overrides()
@@ -113,6 +113,10 @@ def resolve_defaults(
             raise InputError(problem)
     kind, path = locate_model(options.model, allow_pickle=options.allow_pickle)
     family = model_family(kind, path)
+    for name, value in overrides.items():  # a flag of the other kind of model (--t-min on SD3): refused, not ignored
+        item = declared_by_name(EditConfig).get(name) or option_declaration(name)
+        if value is not None and (problem := misapplied(item, family)):
+            raise InputError(problem)
     model_defaults = read_defaults(path) if kind == "folder" else {}
     source = str(path / DEFAULTS_FILE) if kind == "folder" else DEFAULTS_FILE
     defaults = {

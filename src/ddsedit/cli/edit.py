@@ -245,15 +245,13 @@ def refuse_idle_flags(method: Method, given: dict[str, Any], config: EditConfig,
     the method cannot run with (its declaration's check). Before the model loads (``model_known`` False),
     ``config`` holds only the flags, and a check that reads a setting not given waits until the model's defaults
     are in."""
-    from ddsedit.families import FAMILIES
+    from ddsedit.settings import misapplied
 
     items = {**declared_by_name(EditConfig), **declared_by_name(method.options)}
     for name in given:
         item = items[name]
-        applies_to = item.info.applies_to
-        if family is not None and applies_to not in (None, family.prediction):
-            labels = [each.label for each in FAMILIES.values() if each.prediction == applies_to]
-            raise InputError(f"{item.flag} acts only on {' and '.join(labels)} models, not on {family.label} ones")
+        if family is not None and (problem := misapplied(item, family)):
+            raise InputError(problem)
         if item.info.panel == MASK_PANEL and not masked:
             flag = ("--paste-back" if given[name] else "--no-paste-back") if name == "paste_back" else item.flag
             raise InputError(f"{flag} acts only on a masked edit: it needs --mask")

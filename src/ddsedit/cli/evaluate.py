@@ -14,7 +14,15 @@ from ddsedit.cli.errors import one_line_errors, stderr
 from ddsedit.cli.options import from_flags, parameter, setting_parameter
 from ddsedit.errors import InputError
 from ddsedit.methods import option_declaration, option_methods
-from ddsedit.settings import INPUT_PANEL, MODEL_PANEL, SPEED_PANEL, EditConfig, declared, declared_by_name
+from ddsedit.settings import (
+    INPUT_PANEL,
+    MODEL_PANEL,
+    SPEED_PANEL,
+    EditConfig,
+    declared,
+    declared_by_name,
+    misapplied,
+)
 
 EVAL_SETTINGS = ("steps", "guidance", "lr", "t_min", "t_max")
 
@@ -107,6 +115,9 @@ def _run_eval(*, model: str, cases: int, swaps: int, seed: int, methods: str, ho
     from ddsedit.shapes.evaluate import eval_runs as family_runs
 
     chosen = chosen or family_runs(editor.family.name)
+    for name in overrides:  # --t-min on a flow model, --eta on SD: refused, not ignored
+        if problem := misapplied(items[name], editor.family):
+            raise InputError(problem)
     steps = editor.config("dds", **{k: v for k, v in overrides.items() if k in EVAL_SETTINGS}).steps
     total = edit_count(cases, swaps, hold, chosen)
     stderr.print(f"eval-shapes: {total} edits of {steps} steps on {editor.device.type}", markup=False)
