@@ -44,6 +44,7 @@ __all__ = ["EditConfig", "EditRequest", "EditResult", "Editor", "edit_parameters
 
 MaskLike = ImageLike | AutoMaskSettings  # a mask image or path, "auto", or how to draw it
 ProgressCallback = Callable[[int, int], None]
+FrameCallback = Callable[[int, list[Image.Image]], None]  # (step, each image's decoded frame), as frames are kept
 
 
 @dataclass
@@ -286,6 +287,7 @@ class Editor:
         config: EditConfig | None = None,
         on_progress: ProgressCallback | None = None,
         start: ImageLike | None = None,
+        on_frame: FrameCallback | None = None,
     ) -> EditResult:
         """Edit one image and return the result with its parameters (and frames if asked).
 
@@ -295,10 +297,11 @@ class Editor:
         a path, or ``"auto"`` (or an :class:`~ddsedit.automask.AutoMaskSettings`) to draw it from the
         prompts with the edit's seed. ``on_progress(step, steps)`` is called after each step.
         ``start`` (same size as ``image``) starts the optimisation from another image, e.g. an
-        earlier result to continue, while ``image`` stays the source DDS compares against.
+        earlier result to continue, while ``image`` stays the source DDS compares against. ``on_frame(step,
+        frames)`` is called with each frame as it is decoded (``config.save_every``), e.g. to show the edit forming.
         """
         request = EditRequest(image=image, query=query, ref=ref, mask=mask, start=start)
-        return self.edit_batch([request], method, config=config, on_progress=on_progress)[0]
+        return self.edit_batch([request], method, config=config, on_progress=on_progress, on_frame=on_frame)[0]
 
     def edit_batch(
         self,
@@ -306,6 +309,7 @@ class Editor:
         method: str,
         config: EditConfig | None = None,
         on_progress: ProgressCallback | None = None,
+        on_frame: FrameCallback | None = None,
     ) -> list[EditResult]:
         """Edit K images at once, sharing each step's denoiser call (a batch of 4K for DDS).
 
@@ -357,6 +361,8 @@ class Editor:
                 decoded = self.decode(latents)
                 for index, item_frames in enumerate(frames):
                     item_frames.append((step, imageio.tensor_to_image(decoded[index])))
+                if on_frame is not None:
+                    on_frame(step, [item_frames[-1][1] for item_frames in frames])
             if on_progress is not None:
                 on_progress(step, total)
 

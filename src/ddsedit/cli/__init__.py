@@ -29,10 +29,12 @@ from ddsedit.cli.evaluate import eval_parameters, eval_runs, eval_shapes_command
 from ddsedit.cli.mask import mask_command, mask_parameters
 from ddsedit.cli.models import make_tiny_model_command, models_command
 from ddsedit.cli.options import in_panel_order
+from ddsedit.cli.ui import ui_command
 
 __all__ = ["app", "build_app", "eval_runs", "main"]
 
-SUMMARY = "Edit images with text through score distillation (SDS, DDS, masked DDS, CDS, PDS, IDS) on Stable Diffusion."
+SUMMARY = ("Edit images with text through score distillation (SDS, DDS, masked DDS, CDS, PDS, IDS, FlowEdit) on "
+           "Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux.1.")
 
 
 def _version_callback(value: bool) -> None:
@@ -83,6 +85,7 @@ def build_app() -> typer.Typer:
             _built(function, parameters)
         )
     app.command("models", short_help=_summary(models_command))(models_command)
+    app.command("ui", short_help=_summary(ui_command))(ui_command)
     app.command("make-tiny-model", no_args_is_help=True, short_help=_summary(make_tiny_model_command))(
         make_tiny_model_command
     )
