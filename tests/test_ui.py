@@ -183,3 +183,25 @@ def test_ui_without_gradio_says_how_to_install_it(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
     result = CliRunner().invoke(app, ["ui"])
     assert result.exit_code == 2 and result.stderr.strip() == f"error: {ui.INSTALL_HINT}"
+
+
+def test_a_painted_mask_keeps_the_outside_exact(served, tmp_path: Path) -> None:
+    from gradio_client import Client, handle_file
+
+    url, _ = served
+    with Image.open(EXAMPLE) as example:
+        size, source = example.size, np.asarray(example.convert("RGB"), dtype=np.int16)
+    layer = Image.new("RGBA", size, (0, 0, 0, 0))
+    ImageDraw.Draw(layer).rectangle((0, 0, size[0] // 2, size[1] - 1), fill=(255, 255, 255, 255))
+    layer.save(tmp_path / "layer.png")
+    editor_value = {"background": handle_file(str(EXAMPLE)), "layers": [handle_file(str(tmp_path / "layer.png"))],
+                    "composite": None, "id": None}  # fmt: skip
+    job = Client(url, verbose=False).submit(editor_value, REF, QUERY, "masked-dds", 5, 7.5, 0.1, "1", 64, "painted",
+                                            api_name="/edit")  # fmt: skip
+    progress, _, result_path, *_, error = job.result()
+    assert progress.startswith("done in") and not error, error
+    with Image.open(result_path) as result:
+        edited = np.asarray(result.convert("RGB"), dtype=np.int16)
+        assert json.loads(result.info["ddsedit"])["mask_sha256"]
+    outside = np.asarray(layer.getchannel("A")) == 0
+    assert np.array_equal(edited[outside], source[outside])
