@@ -23,11 +23,18 @@ first-edit: $(STAMP)
 		--ref "a red circle on a white background" --query "a blue circle on a white background" \
 		-o out/red-circle-on-white.dds.png --overwrite
 
-test: $(STAMP)
+# The page's browser tests drive Debian's Chromium through its chromedriver (a browser tool's own download does
+# not work on this project's machines): installed here when missing.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		apt-get install -y -q chromium chromium-driver >/dev/null || \
+		(apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null)
+
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) out
 
-.PHONY: install first-edit test clean
+.PHONY: install first-edit browser test clean

@@ -9,7 +9,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # the page's tests: Gradio calls no one either
 
+import socket  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -108,3 +110,27 @@ def images(tmp_path: Path) -> Path:
     from batch_support import make_images
 
     return make_images(tmp_path / "images")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory: pytest.TempPathFactory):
+    """The page of ``ddsedit ui`` for the bundled model, served on this machine for the session's tests: (its
+    address, its working folder)."""
+    from ddsedit import ui
+    from ddsedit.editor import Editor
+
+    workdir = tmp_path_factory.mktemp("ui")
+    editor = Editor.from_pretrained("shapes", device="cpu")
+    page = ui.build_page(editor, ui.PageSettings(), workdir)
+    page.queue(default_concurrency_limit=1)
+    port = _free_port()
+    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                allowed_paths=[str(workdir)])  # fmt: skip
+    yield f"http://127.0.0.1:{port}/", workdir
+    page.close()

@@ -6,7 +6,6 @@ model: blue, its size, its metadata, and the command line shown gives the same b
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -100,27 +99,6 @@ def test_the_worker_reports_steps_and_frames_and_stops_when_cancelled(
                 tiny_editor.config("masked-dds", steps=2))  # fmt: skip
     kind, message = failed.updates.get()
     assert kind == "error" and "mask" in message
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory):
-    """The page for the bundled model, served on this machine for the module's tests."""
-    pytest.importorskip("gradio", reason="the ui extra: pip install 'ddsedit[ui]' (make test installs it)")
-    workdir = tmp_path_factory.mktemp("ui")
-    editor = Editor.from_pretrained("shapes", device="cpu")
-    page = ui.build_page(editor, ui.PageSettings(), workdir)
-    page.queue(default_concurrency_limit=1)
-    port = _free_port()
-    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(workdir)])  # fmt: skip
-    yield f"http://127.0.0.1:{port}/", workdir
-    page.close()
 
 
 def _submit(url: str, query: str, steps: int = 20):

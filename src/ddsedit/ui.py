@@ -16,6 +16,7 @@ Gradio, which is imported only there (the ``ui`` extra).
 from __future__ import annotations
 
 import math
+import os
 import queue
 import shlex
 import signal
@@ -161,6 +162,12 @@ def run_edit(editor: Any, job: EditJob, source: Path, method: str, ref: str, que
         job.updates.put(("done", result))
 
 
+def shown_large(image: Image.Image, side: int = 256) -> Image.Image:
+    """A small frame scaled up (nearest: pixels stay pixels) so that its longest side is at least ``side``."""
+    factor = max(1, side // max(image.size))
+    return image if factor == 1 else image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+
+
 def progress_text(step: int, total: int, started: float) -> str:
     """``step 12/50, 3.1 s, about 9.8 s left``: what the page shows while an edit runs."""
     elapsed = time.monotonic() - started
@@ -231,7 +238,7 @@ def build_page(editor: Any, settings: PageSettings, workdir: Path) -> Any:
                 yield (progress_text(update[1], update[2], started), nothing, nothing, nothing, nothing, nothing, "",
                        job, history)  # fmt: skip
             elif update[0] == "frame":
-                yield (nothing, update[2], nothing, nothing, nothing, nothing, "", job, history)
+                yield (nothing, shown_large(update[2]), nothing, nothing, nothing, nothing, "", job, history)
             elif update[0] == "cancelled":
                 yield ("cancelled", nothing, nothing, nothing, nothing, nothing, "", None, history)
                 return
@@ -300,12 +307,15 @@ def build_page(editor: Any, settings: PageSettings, workdir: Path) -> Any:
                 error = gr.Markdown(elem_id="error")
             with gr.Column():
                 progress = gr.Markdown(elem_id="progress")
-                preview = gr.Image(label="Forming", type="pil", interactive=False, elem_id="preview")
-                result = gr.Image(label="Result", type="filepath", interactive=False, elem_id="result")
+                preview = gr.Image(label="Forming", type="pil", interactive=False, height=256, elem_id="preview")
+                result = gr.Image(label="Result", type="filepath", interactive=False, height=256, elem_id="result")
                 compare = gr.ImageSlider(label="Before / after", type="pil", elem_id="compare")
                 download = gr.File(label="Download (with its settings inside)", elem_id="download")
                 again = gr.Button("Use as source", elem_id="use-as-source")
-                command = gr.Code(label="The command that makes this edit", language="shell", elem_id="command")
+                command = gr.Code(
+                    label="The command that makes this edit (source-N.png: the source as the page got it)",
+                    language="shell", elem_id="command",
+                )  # fmt: skip
                 history = gr.Dataframe(headers=["#", "method", "query", "seed", "time"], label="Edits so far",
                                        interactive=False, elem_id="history")  # fmt: skip
         def method_defaults(name: str) -> tuple:
@@ -327,6 +337,8 @@ def build_page(editor: Any, settings: PageSettings, workdir: Path) -> Any:
 
 def serve(model: str | None, device: str, dtype: str, settings: PageSettings) -> None:
     """Load the model once, then serve the page until interrupted; its temporary folder goes with it."""
+    # A local page calls no one: Gradio's usage analytics are off unless the user turned them on.
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
         import gradio  # noqa: F401
     except ImportError:
