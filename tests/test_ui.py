@@ -183,3 +183,26 @@ def test_a_painted_mask_keeps_the_outside_exact(served, tmp_path: Path) -> None:
         assert json.loads(result.info["ddsedit"])["mask_sha256"]
     outside = np.asarray(layer.getchannel("A")) == 0
     assert np.array_equal(edited[outside], source[outside])
+
+
+def test_a_file_that_is_not_an_image_is_refused_and_the_page_keeps_serving(served, tmp_path: Path) -> None:
+    from gradio_client import Client, handle_file
+
+    url, _ = served
+    fake = tmp_path / "fake.png"
+    fake.write_text("not an image")
+    client = Client(url, verbose=False)
+    with pytest.raises(Exception):  # noqa: B017 - Gradio refuses it before the page's code runs (an AppError)
+        client.predict({"background": handle_file(str(fake)), "layers": [], "composite": None, "id": None}, REF,
+                       QUERY, "dds", 2, 7.5, 0.1, "0", 64, "none", api_name="/edit")  # fmt: skip
+    assert _submit(url, QUERY, steps=2).result()[0].startswith("done in")
+
+
+def test_use_as_source_puts_the_result_in_the_source(served) -> None:
+    from gradio_client import Client, handle_file
+
+    url, _ = served
+    result_path = _submit(url, QUERY, steps=2).result()[2]
+    value = Client(url, verbose=False).predict(handle_file(result_path), api_name="/use_as_source")
+    with Image.open(value["background"]) as chained, Image.open(result_path) as result:
+        assert np.array_equal(np.asarray(chained.convert("RGB")), np.asarray(result.convert("RGB")))

@@ -36,6 +36,7 @@ from ddsedit.settings import EditConfig, declared_by_name
 
 MASK_NONE, MASK_PAINTED, MASK_AUTO = "none", "painted", "auto"
 INSTALL_HINT = 'the page needs Gradio: pip install "ddsedit[ui]"'
+PROGRESS_INTERVAL = 0.25  # seconds between progress updates sent to the page
 
 
 @dataclass(frozen=True)
@@ -232,11 +233,15 @@ def build_page(editor: Any, settings: PageSettings, workdir: Path) -> Any:
         started = time.monotonic()
         worker.start()
         yield ("starting...", nothing, nothing, nothing, nothing, nothing, "", job, history)
+        shown = 0.0  # when progress was last sent: a few updates a second, not one per step, keep the edit fast
         while True:
             update = job.updates.get()
             if update[0] == "step":
-                yield (progress_text(update[1], update[2], started), nothing, nothing, nothing, nothing, nothing, "",
-                       job, history)  # fmt: skip
+                now = time.monotonic()
+                if update[1] == 1 or now - shown >= PROGRESS_INTERVAL:
+                    shown = now
+                    yield (progress_text(update[1], update[2], started), nothing, nothing, nothing, nothing, nothing,
+                           "", job, history)  # fmt: skip
             elif update[0] == "frame":
                 yield (nothing, shown_large(update[2]), nothing, nothing, nothing, nothing, "", job, history)
             elif update[0] == "cancelled":
@@ -251,7 +256,11 @@ def build_page(editor: Any, settings: PageSettings, workdir: Path) -> Any:
                 command = reproducing_command(result.parameters, source_path.name, f"edit-{number}.png", mask_name,
                                               model=editor.components.source)  # fmt: skip
                 seconds = time.monotonic() - started
-                history = [*history, [number, method, query, result.parameters["seed"], f"{seconds:.1f} s"]]
+                recorded = result.parameters
+                mask_shown = recorded.get("mask", "painted" if mask_name else "")
+                row = [number, method, recorded.get("ref", ""), query, recorded["seed"], recorded["steps"],
+                       recorded["guidance"], recorded.get("lr", ""), mask_shown, f"{seconds:.1f} s"]  # fmt: skip
+                history = [*history, row]
                 yield (f"done in {seconds:.1f} s (seed {result.parameters['seed']})", result.image, str(path),
                        str(path), (source, result.image), command, "", None, history)  # fmt: skip
                 return
@@ -287,6 +296,7 @@ def build_page(editor: Any, settings: PageSettings, workdir: Path) -> Any:
                 source_editor = gr.ImageEditor(
                     label="Source (paint the mask over it: white = editable)", type="pil", elem_id="src",
                     brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), sources=("upload", "clipboard"),
+                    format="png",  # lossless: a chained edit starts from the result's exact pixels (webp would not)
                 )  # fmt: skip
                 ref = gr.Textbox(label="What the image shows (--ref)", elem_id="ref")
                 query = gr.Textbox(label="What it should show (--query)", elem_id="query")
@@ -316,7 +326,8 @@ def build_page(editor: Any, settings: PageSettings, workdir: Path) -> Any:
                     label="The command that makes this edit (source-N.png: the source as the page got it)",
                     language="shell", elem_id="command",
                 )  # fmt: skip
-                history = gr.Dataframe(headers=["#", "method", "query", "seed", "time"], label="Edits so far",
+                history = gr.Dataframe(headers=["#", "method", "ref", "query", "seed", "steps", "guidance", "lr",
+                                                "mask", "time"], label="Edits so far",
                                        interactive=False, elem_id="history")  # fmt: skip
         def method_defaults(name: str) -> tuple:
             config = editor.config(name)
