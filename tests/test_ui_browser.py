@@ -209,3 +209,17 @@ def test_a_mask_painted_with_the_brush_keeps_the_outside_exact(served, browser, 
         assert json.loads(result.info["ddsedit"])["mask_sha256"]
     changed = np.abs(edited - source).max(axis=-1) > 0
     assert changed.any() and not changed[:, -8:].any()  # the stroke went down the middle: the right edge is kept
+
+
+def test_a_file_that_is_not_an_image_leaves_the_source_empty_and_says_so(served, browser, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    url, _ = served
+    fake = tmp_path / "fake.png"
+    fake.write_text("not an image")
+    _open(browser, url)
+    browser.find_element(By.CSS_SELECTOR, "#src input[type=file]").send_keys(str(fake))
+    for element, text in (("ref", REF), ("query", QUERY)):
+        browser.find_element(By.CSS_SELECTOR, f"#{element} textarea").send_keys(text)
+    browser.find_element(By.ID, "run").click()
+    assert _finished(browser, 30) == "drop or paste a source image first"
