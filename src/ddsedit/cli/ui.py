@@ -21,7 +21,7 @@ def ui_command(
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 7860,
     max_side: Annotated[int, typer.Option("--max-side", help="Largest image side accepted, in pixels.")] = 4096,
 ) -> None:
-    """Serve a local web page to edit with any method, paint masks and watch the edit (pip install "ddsedit[ui]")."""
+    """Serve a local web page to edit with any method, paint masks and watch the edit (needs the ui extra)."""
     with one_line_errors():
         import importlib.util
 
