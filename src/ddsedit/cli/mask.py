@@ -62,7 +62,8 @@ def mask_parameters() -> list[inspect.Parameter]:
 
 def mask_command(**options: Any) -> None:
     """Draw the mask of an edit from the prompts alone (DiffEdit): white where --ref and --query make the model's
-    predictions (noise, or velocity on SD3 and Flux) differ, at the source's size. Pass it back to masked-dds with --mask FILE."""
+    predictions (noise, or velocity on SD3 and Flux) differ, at the source's size. Pass it back to masked-dds with
+    --mask FILE."""
     with one_line_errors(options["verbose"]):
         _run_mask(**options)
 
