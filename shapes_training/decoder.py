@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from ddsedit.shapes.world import render_batch, sample_case
+from shapes_training.bookkeeping import step_rng, warmup_cosine
 from shapes_training.export import check_folder, folder_size
-from shapes_training.train import reconstruction_loss, step_rng, warmup_cosine
+from shapes_training.train import reconstruction_loss
 
 DECODER_PHASE = 5  # the phase number in step_rng's seeds, apart from the trainer's phases
 

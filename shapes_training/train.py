@@ -25,62 +25,29 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel, compute_snr
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ddsedit.scores import add_noise
 from ddsedit.shapes.world import WORDS, render_batch, sample_case
 from ddsedit.wordtokenizer import MAX_LENGTH, build_tokenizer
+from shapes_training.bookkeeping import CHECKPOINT, TrainingRun, progress_bar, step_rng, warmup_cosine
 from shapes_training.config import CONFIGS, TrainConfig
 from shapes_training.export import export_pipeline
-from shapes_training.latents import LatentPool
 from shapes_training.models import build_scheduler, build_text_encoder, build_unet, build_vae
-
-# --unet-minutes: steps [CALIBRATION_START, CALIBRATION_START + CALIBRATION_STEPS) are timed, then the total is
-# set with a margin (a 3-minute H200 run measured 61 ms/step over 30 early steps and averaged 79 ms).
-CALIBRATION_START = 20
-CALIBRATION_STEPS = 100
-CALIBRATION_MARGIN = 0.85
 
 PHASES = ("vae", "unet", "done")
 # config fields that --init-vae / --init-model / --unet-minutes set
 RUN_TIME_FIELDS = ("init_vae", "init_model", "vae_steps", "unet_steps")
-CHECKPOINT = "checkpoint.pt"
-LATENTS = "latents.pt"
-
-
-def step_rng(seed: int, phase: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
-    """Independent numpy and torch generators for one step of one phase."""
-    g = np.random.default_rng([seed, phase, step])
-    return g, torch.Generator().manual_seed(int(g.integers(2**62)))
-
-
-# Not diffusers' get_cosine_schedule_with_warmup: that one decays to 0 (here to min_ratio) and fixes `total` when built,
-# while --unet-minutes and --extend-unet change it mid-run.
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Learning-rate multiplier: linear warm-up to 1, then cosine down to `min_ratio` at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def reconstruction_loss(
@@ -98,7 +65,7 @@ def reconstruction_loss(
     return (weight * err).sum() / (weight.sum() * images.shape[1])
 
 
-class Trainer:
+class Trainer(TrainingRun):
     """Owns the models, optimizers and progress of one run; `run()` does every remaining phase."""
 
     def __init__(
@@ -110,15 +77,8 @@ class Trainer:
         pool_workers: int = 1,
         unet_minutes: float | None = None,
     ) -> None:
-        self.cfg, self.out = cfg, out
-        self.console = console or Console()
-        self.device = torch.device(device)
-        if self.device.type == "cuda":  # TF32 matmuls and convolutions: ample precision for this training
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        self.pool_workers = pool_workers
+        super().__init__(cfg, out, console, device, pool_workers)
         self.unet_minutes = unet_minutes
-        torch.manual_seed(cfg.seed)
         self.tokenizer: CLIPTokenizer = build_tokenizer(WORDS)
         self.vae: AutoencoderKL = build_vae(cfg.vae)
         self.text_encoder: CLIPTextModel = build_text_encoder(cfg.text, self.tokenizer)
@@ -136,8 +96,7 @@ class Trainer:
         self.unet_opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         self.phase, self.step = "vae", 0
         self.scaling_factor: float | None = None
-        self.seconds: dict[str, float] = {"vae": 0.0, "scale": 0.0, "pool": 0.0, "unet": 0.0, "export": 0.0}
-        self.history: list[dict[str, Any]] = []
+        self.seconds = {"vae": 0.0, "scale": 0.0, "pool": 0.0, "unet": 0.0, "export": 0.0}
         self._token_cache: dict[str, torch.Tensor] = {}
 
     # ---------------------------------------------------------------- checkpoints
@@ -157,12 +116,6 @@ class Trainer:
             "unet_ema": self.unet_ema.state_dict(),
             "unet_opt": self.unet_opt.state_dict(),
         }
-
-    def save_checkpoint(self) -> None:
-        """Write DIR/checkpoint.pt atomically (write a temporary file, then rename)."""
-        tmp = self.out / (CHECKPOINT + ".tmp")
-        torch.save(self.state(), tmp)
-        tmp.replace(self.out / CHECKPOINT)
 
     def load_checkpoint(self, path: Path, extend_unet: int = 0) -> None:
         """Continue from a checkpoint; with ``extend_unet`` a finished run trains its UNet N steps more."""
@@ -249,7 +202,7 @@ class Trainer:
             self.step, done = self.step + 1, done + 1
             losses.append(l1.item())
             progress.advance(task)
-            t0 = self._tick("vae", t0, losses, loss=loss.item(), progress=progress)
+            t0 = self._tick("vae", t0, losses, progress, label="l1", loss=loss.item())
         return done
 
     @torch.no_grad()
@@ -319,21 +272,9 @@ class Trainer:
         if self.cfg.train_text_encoder:
             self.text_ema.step(self.text_encoder.parameters())
 
-    def latent_pool(self) -> LatentPool:
-        """The pool of encoded images: loaded from DIR/latents.pt, or encoded (deterministically) and saved."""
-        path = self.out / LATENTS
-        if path.exists():
-            return LatentPool.load(path)
-        t0 = time.time()
-        pool = LatentPool.encode(self.vae, self.cfg.pool_size, seed=self.cfg.seed * 1000 + 3,
-                                 workers=self.pool_workers)
-        pool.save(path)
-        self.seconds["pool"] += time.time() - t0
-        return pool
-
     def train_unet(self, progress: Progress, budget: int | None) -> int:
         cfg = self.cfg
-        pool = self.latent_pool()
+        pool = self.latent_pool(self.vae)
         task = progress.add_task("(c) unet", total=cfg.unet_steps, completed=self.step)
         self.vae.eval().requires_grad_(False)
         self.unet.train()
@@ -341,14 +282,8 @@ class Trainer:
         params = [p for group in self.unet_opt.param_groups for p in group["params"]]
         peaks = [cfg.unet_lr, cfg.text_lr][: len(self.unet_opt.param_groups)]
         done, t0, losses = 0, time.time(), []
-        calibrate = self.unet_minutes is not None and self.step == 0
-        calibration_start = 0.0
         while self.step < cfg.unet_steps and (budget is None or done < budget):
-            if calibrate and self.step == CALIBRATION_START:
-                self._synchronize()
-                calibration_start = time.time()
-            if calibrate and self.step == CALIBRATION_START + CALIBRATION_STEPS:
-                self._set_unet_steps(calibration_start, progress, task)
+            self.calibrate(self.unet_minutes, "unet", "unet_steps", progress, task)
             g, gen = step_rng(cfg.seed, 2, self.step)
             latents, captions = pool.draw(cfg.unet_batch, g, gen, cfg.short_caption_prob, cfg.empty_caption_prob)
             latents = latents.to(self.device)
@@ -364,46 +299,8 @@ class Trainer:
             self.update_ema()
             losses.append(loss.detach())
             progress.advance(task)
-            t0 = self._tick("unet", t0, losses, progress=progress)
+            t0 = self._tick("unet", t0, losses, progress)
         return done
-
-    def _randn(self, shape: torch.Size | tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-        """Standard normal noise drawn from a CPU generator (the same on every device), moved to the device."""
-        return torch.randn(shape, generator=gen).to(self.device)
-
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _set_unet_steps(self, start: float, progress: Progress, task: Any) -> None:
-        """Set `unet_steps` so that the UNet phase fits `unet_minutes` at the speed just measured."""
-        assert self.unet_minutes is not None
-        self._synchronize()
-        per_step = (time.time() - start) / CALIBRATION_STEPS
-        remaining = self.unet_minutes * 60 - self.seconds["unet"]
-        steps = max(self.cfg.warmup_steps + 1, self.step + int(CALIBRATION_MARGIN * remaining / per_step))
-        self.cfg.unet_steps = steps
-        progress.update(task, total=steps)
-        progress.console.print(f"unet: {per_step * 1000:.1f} ms/step -> unet_steps = {steps}")
-
-    # ---------------------------------------------------------------- bookkeeping
-    def _tick(self, phase: str, t0: float, losses: list[float], progress: Progress, **extra: float) -> float:
-        """Account time, log every `log_every` steps and checkpoint every `checkpoint_every` steps."""
-        now = time.time()
-        self.seconds[phase] += now - t0
-        if self.step % self.cfg.log_every == 0:
-            recent = losses[-self.cfg.log_every :]
-            mean_loss = float(np.mean([float(v) for v in recent]))  # syncs the device once per log line
-            record = {"phase": phase, "step": self.step, "loss": mean_loss, "seconds": self.seconds[phase]}
-            record.update(extra)
-            self.history.append(record)
-            progress.console.print(
-                f"{phase} step {self.step}: {'l1' if phase == 'vae' else 'loss'} {record['loss']:.4f}  "
-                f"({self.seconds[phase] / 60:.1f} min in phase)"
-            )
-        if self.step % self.cfg.checkpoint_every == 0:
-            self.save_checkpoint()
-        return time.time()
 
     def export(self) -> int:
         """Write DIR/final with the EMA UNet (and EMA text encoder when it was trained)."""
@@ -429,10 +326,10 @@ class Trainer:
         """
         torch.set_num_threads(threads)
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.phase == "unet":
+            self.check_budget(self.unet_minutes, "unet_steps")
         budget = stop_after
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn())
-        with Progress(*columns, console=self.console) as progress:
+        with progress_bar(self.console) as progress:
             if self.phase == "vae":
                 done = self.train_vae(progress, budget)
                 budget = None if budget is None else budget - done

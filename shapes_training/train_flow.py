@@ -36,28 +36,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress
 from transformers import CLIPTokenizer
 
 from ddsedit.flowscores import flow_noise
 from ddsedit.loading import bundled_models
 from ddsedit.shapes.world import IMAGE_SIZE
+from shapes_training.bookkeeping import CHECKPOINT, TrainingRun, progress_bar, step_rng, warmup_cosine
 from shapes_training.compact import BYTES_PER_PARAMETER, compact_ema, compact_module, compact_optimizer, load_ema
 from shapes_training.config import FLOW_CONFIGS, FlowTrainConfig
 from shapes_training.export import export_flow_pipeline
 from shapes_training.flow_text import CaptionTable, build_text_encoders, load_source_text_encoder, world_captions
 from shapes_training.folded_attention import fold_t5_tokens, unfold
-from shapes_training.latents import LatentPool
 from shapes_training.models import build_flow_scheduler, build_transformer
-from shapes_training.train import CALIBRATION_MARGIN, CALIBRATION_START, CALIBRATION_STEPS, step_rng, warmup_cosine
 
-CHECKPOINT = "checkpoint.pt"
-LATENTS = "latents.pt"
 MAX_CHECKPOINT_BYTES = 25_000_000
 PHASE = 3  # the step_rng stream of the transformer's batches (train.py's phases use 0-2)
 RUN_TIME_FIELDS = ("transformer_steps",)  # set by --transformer-minutes while the run starts
@@ -96,8 +92,10 @@ class StopRule:
         return by_steps or by_time
 
 
-class FlowTrainer:
+class FlowTrainer(TrainingRun):
     """Owns the models, optimizer and progress of one shapes-flow run; `run()` does what remains."""
+
+    max_checkpoint_bytes = MAX_CHECKPOINT_BYTES  # the checkpoint is committed between sessions
 
     def __init__(
         self,
@@ -110,12 +108,8 @@ class FlowTrainer:
     ) -> None:
         if cfg.loss_weighting not in LOSS_WEIGHTINGS:
             raise SystemExit(f"loss_weighting {cfg.loss_weighting!r}: one of {', '.join(LOSS_WEIGHTINGS)}")
-        self.cfg, self.out = cfg, out
-        self.console = console or Console()
-        self.device = torch.device(device)
-        self.pool_workers = pool_workers
+        super().__init__(cfg, out, console, device, pool_workers)
         self.transformer_minutes = transformer_minutes
-        torch.manual_seed(cfg.seed)
         source = resolve_source(cfg.source_model)
         self.tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
         self.vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32)
@@ -139,10 +133,9 @@ class FlowTrainer:
         self.captions = self.captions.to(self.device)
         self.ema = EMAModel(self.transformer.parameters(), decay=cfg.ema_decay, update_after_step=-1, foreach=True)
         self.optimizer = torch.optim.AdamW(self.transformer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.phase, self.step = "transformer", 0
+        self.phase = "transformer"
         self.shift_factor: float | None = None
-        self.seconds: dict[str, float] = {"pool": 0.0, "transformer": 0.0, "export": 0.0}
-        self.history: list[dict[str, Any]] = []
+        self.seconds = {"pool": 0.0, "transformer": 0.0, "export": 0.0}
 
     def _check_checkpoint_size(self) -> None:
         """Refuse a transformer whose checkpoint (8 bytes a parameter, compact.py) would pass the limit."""
@@ -165,15 +158,6 @@ class FlowTrainer:
             "ema": compact_ema(self.ema),
             "optimizer": compact_optimizer(self.optimizer),
         }
-
-    def save_checkpoint(self) -> None:
-        """Write DIR/checkpoint.pt atomically; refuse one over MAX_CHECKPOINT_BYTES (it is committed)."""
-        tmp = self.out / (CHECKPOINT + ".tmp")
-        torch.save(self.state(), tmp)
-        size = tmp.stat().st_size
-        if size > MAX_CHECKPOINT_BYTES:
-            raise RuntimeError(f"checkpoint of {size} bytes: over the {MAX_CHECKPOINT_BYTES} allowed")
-        tmp.replace(self.out / CHECKPOINT)
 
     def load_checkpoint(self, path: Path, extend: int = 0) -> None:
         """Continue from a checkpoint made with the same config, seed and source model.
@@ -199,20 +183,6 @@ class FlowTrainer:
             self.phase, self.cfg.transformer_steps = "transformer", self.cfg.transformer_steps + extend
 
     # ---------------------------------------------------------------- the transformer
-    def latent_pool(self) -> LatentPool:
-        """The pool of encoded images: loaded from DIR/latents.pt, or encoded (deterministically) and saved.
-
-        Not part of the checkpoint (16,384 images take 134 MB): a session without it re-encodes it (~1.5 min).
-        """
-        path = self.out / LATENTS
-        if path.exists():
-            return LatentPool.load(path)
-        t0 = time.time()
-        pool = LatentPool.encode(self.vae, self.cfg.pool_size, seed=self.cfg.seed * 1000 + 3, workers=self.pool_workers)
-        pool.save(path)
-        self.seconds["pool"] += time.time() - t0
-        return pool
-
     def flow_loss(self, latents: torch.Tensor, captions: list[str], gen: torch.Generator) -> torch.Tensor:
         """Rectified-flow loss of unscaled VAE latents: MSE of the predicted velocity against eps - x0."""
         cfg = self.cfg
@@ -235,7 +205,7 @@ class FlowTrainer:
     def train_transformer(self, progress: Progress, stop: StopRule) -> None:
         """Train until the last step, or until `stop` is due at a checkpoint step."""
         cfg = self.cfg
-        pool = self.latent_pool()
+        pool = self.latent_pool(self.vae)
         if self.shift_factor is None:
             self.shift_factor = round(float(pool.mean.mean()), 4)
             progress.console.print(f"shift_factor = {self.shift_factor} (mean of the pool's latents)")
@@ -243,16 +213,10 @@ class FlowTrainer:
         self.transformer.train()
         params = list(self.transformer.parameters())
         done, t0, losses = 0, time.time(), []
-        calibrate = self.transformer_minutes is not None
-        calibration_start = 0.0
         while self.step < cfg.transformer_steps:
             if self.step % cfg.checkpoint_every == 0 and stop.due(done):
                 break
-            if calibrate and self.step == CALIBRATION_START:
-                self._synchronize()
-                calibration_start = time.time()
-            if calibrate and self.step == CALIBRATION_START + CALIBRATION_STEPS:
-                self._set_transformer_steps(calibration_start, progress, task)
+            self.calibrate(self.transformer_minutes, "transformer", "transformer_steps", progress, task)
             g, gen = step_rng(cfg.seed, PHASE, self.step)
             latents, captions = pool.draw(cfg.batch, g, gen, cfg.short_caption_prob, cfg.empty_caption_prob)
             lr = cfg.lr * warmup_cosine(self.step, cfg.warmup_steps, cfg.transformer_steps, cfg.min_lr_ratio)
@@ -267,41 +231,7 @@ class FlowTrainer:
             self.step, done = self.step + 1, done + 1
             losses.append(loss.detach())
             progress.advance(task)
-            t0 = self._tick(t0, losses, progress)
-
-    def _randn(self, shape: torch.Size | tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-        """Standard normal noise drawn from a CPU generator (the same on every device), moved to the device."""
-        return torch.randn(shape, generator=gen).to(self.device)
-
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _set_transformer_steps(self, start: float, progress: Progress, task: Any) -> None:
-        """Set `transformer_steps` so that the run fits `transformer_minutes` at the speed just measured."""
-        assert self.transformer_minutes is not None
-        self._synchronize()
-        per_step = (time.time() - start) / CALIBRATION_STEPS
-        remaining = self.transformer_minutes * 60 - self.seconds["transformer"]
-        steps = max(self.cfg.warmup_steps + 1, self.step + int(CALIBRATION_MARGIN * remaining / per_step))
-        self.cfg.transformer_steps = steps
-        progress.update(task, total=steps)
-        progress.console.print(f"transformer: {per_step * 1000:.1f} ms/step -> transformer_steps = {steps}")
-
-    # ---------------------------------------------------------------- bookkeeping
-    def _tick(self, t0: float, losses: list[torch.Tensor], progress: Progress) -> float:
-        """Account time, log every `log_every` steps and checkpoint every `checkpoint_every` steps."""
-        now = time.time()
-        self.seconds["transformer"] += now - t0
-        if self.step % self.cfg.log_every == 0:
-            mean_loss = float(np.mean([float(v) for v in losses[-self.cfg.log_every :]]))
-            self.history.append({"phase": "transformer", "step": self.step, "loss": mean_loss,
-                                 "seconds": self.seconds["transformer"]})
-            progress.console.print(f"transformer step {self.step}: loss {mean_loss:.4f}  "
-                                   f"({self.seconds['transformer'] / 60:.1f} min in phase)")
-        if self.step % self.cfg.checkpoint_every == 0:
-            self.save_checkpoint()
-        return time.time()
+            t0 = self._tick("transformer", t0, losses, progress)
 
     def export(self) -> int:
         """Write DIR/final with the EMA transformer and the frozen parts."""
@@ -329,12 +259,8 @@ class FlowTrainer:
         """
         torch.set_num_threads(threads)
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.transformer_minutes is not None and self.step > CALIBRATION_START:
-            raise SystemExit(f"--transformer-minutes sizes a run from its first steps; this one is at step {self.step} "
-                             f"(transformer_steps = {self.cfg.transformer_steps})")
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn())
-        with Progress(*columns, console=self.console) as progress:
+        self.check_budget(self.transformer_minutes, "transformer_steps")
+        with progress_bar(self.console) as progress:
             if self.phase == "transformer":
                 self.train_transformer(progress, StopRule(stop_after, stop_minutes, started=time.time()))
                 if self.step < self.cfg.transformer_steps:

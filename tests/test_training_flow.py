@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from ddsedit.loading import bundled_models
-from shapes_training import config, sanity, train_flow
+from shapes_training import bookkeeping, config, sanity, train_flow
 from shapes_training.compact import BYTES_PER_PARAMETER
 from shapes_training.export import sd3_model_index
 from shapes_training.flow_text import build_text_encoders, world_captions
@@ -226,8 +226,8 @@ def test_the_default_configs_weights_are_under_20_mb(tiny_run):
 
 
 def test_transformer_minutes_sets_the_step_count_from_measured_speed(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_flow, "CALIBRATION_START", 1)
-    monkeypatch.setattr(train_flow, "CALIBRATION_STEPS", 2)
+    monkeypatch.setattr(bookkeeping, "CALIBRATION_START", 1)
+    monkeypatch.setattr(bookkeeping, "CALIBRATION_STEPS", 2)
     cfg = config.tiny_flow()
     cfg.transformer_steps, cfg.warmup_steps = 10_000, 4
     trainer = train_flow.FlowTrainer(cfg, tmp_path, transformer_minutes=0.001)  # 0.06 s: spent by calibration
@@ -257,7 +257,7 @@ def test_export_now_writes_the_checkpoints_ema_midway(tmp_path):
 
 
 def test_extend_transformer_trains_a_finished_run_further(tiny_run, tmp_path):
-    for name in (train_flow.CHECKPOINT, train_flow.LATENTS):
+    for name in (train_flow.CHECKPOINT, bookkeeping.LATENTS):
         (tmp_path / name).write_bytes((tiny_run[0] / name).read_bytes())
     with pytest.raises(SystemExit, match="pass --resume"):
         run_tiny(tmp_path)

@@ -15,7 +15,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ddsedit.shapes.world import WORDS
 from ddsedit.wordtokenizer import build_tokenizer, check_tokenizer
-from shapes_training import config, train
+from shapes_training import bookkeeping, config, train
 from shapes_training.models import build_text_encoder, build_unet, build_vae
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -205,8 +205,8 @@ def test_finetune_config_keeps_the_default_architecture():
 
 
 def test_unet_minutes_sets_the_step_count_from_measured_speed(tiny_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "CALIBRATION_START", 3)
-    monkeypatch.setattr(train, "CALIBRATION_STEPS", 10)
+    monkeypatch.setattr(bookkeeping, "CALIBRATION_START", 3)
+    monkeypatch.setattr(bookkeeping, "CALIBRATION_STEPS", 10)
     cfg = config.tiny()
     cfg.unet_steps, cfg.warmup_steps = 10_000, 20
     trainer = train.Trainer(cfg, tmp_path, unet_minutes=0.01)  # 0.6 s: far fewer than 10,000 steps
