@@ -9,9 +9,11 @@ eval under ``ddsedit.shapes``); run from the root of a checkout, with ddsedit in
     python -m shapes_training.sanity MODEL                # the model's own samples, scored
     python -m shapes_training.drift                       # DDS's expected gradient at the right answer
     python -m shapes_training.tune --grid '{"lr": [0.1]}' # edit settings scored by the shapes eval
+    python -m shapes_training.readout --model MODEL       # its clean-image predictions at a noisy source, scored
 
-`config` holds the presets, `models` builds the untrained components, `latents` the encoded image pool
-and `export` writes the diffusers folder. For shapes-flow, `flow_text` makes SD3's two CLIP encoders and its
-prompt encoding, `folded_attention` trains with the absent T5's zero rows folded into one, and `compact` keeps
-the resumable checkpoint small. These modules import ``ddsedit``; ``ddsedit`` never imports them.
+`config` holds the presets, `bookkeeping` what both trainers share (checkpoints, logging, time budgets),
+`models` builds the untrained components, `latents` the encoded image pool and `export` writes the diffusers
+folder. For shapes-flow, `flow_text` makes SD3's two CLIP encoders and its prompt encoding, `folded_attention`
+trains with the absent T5's zero rows folded into one, and `compact` keeps the resumable checkpoint small.
+These modules import ``ddsedit``; ``ddsedit`` never imports them.
 """
