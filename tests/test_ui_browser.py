@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shlex
 import sys
@@ -58,7 +59,9 @@ def _fill(driver, query: str = QUERY, steps: int = 20, seed: str = "0", method: 
     from selenium.webdriver.common.keys import Keys
 
     driver.find_element(By.CSS_SELECTOR, "#src input[type=file]").send_keys(str(EXAMPLE))
-    _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#src canvas"))
+    # The editor takes the file in asynchronously (its canvas appears first); an Edit clicked before the image is
+    # drawn sends no source. Wait until the example's red circle shows in the editor, as a user would.
+    _wait(driver, lambda d: _red_pixels(d.find_element(By.ID, "src").screenshot_as_png) > 200)
     if method is not None:
         field = driver.find_element(By.CSS_SELECTOR, "#method input")
         field.send_keys(Keys.CONTROL, "a")
@@ -70,6 +73,12 @@ def _fill(driver, query: str = QUERY, steps: int = 20, seed: str = "0", method: 
     field = driver.find_element(By.CSS_SELECTOR, "#steps input")
     field.send_keys(Keys.CONTROL, "a")
     field.send_keys(str(steps))
+
+
+def _red_pixels(png: bytes) -> int:
+    """Pixels of a screenshot that are clearly red (the example's circle)."""
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+    return int(((pixels[..., 0] > 150) & (pixels[..., 1] < 90) & (pixels[..., 2] < 90)).sum())
 
 
 def _text(driver, element: str) -> str:
