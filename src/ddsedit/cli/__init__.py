@@ -98,7 +98,8 @@ app = build_app()
 def main(typer_app: typer.Typer | None = None) -> None:
     """Console-script entry point (``typer_app``: another app, e.g. one built with more methods registered):
     usage errors (a missing or unknown option) are one line too."""
-    # The click that typer runs on (typer >= 0.17 vendors its own copy): found through a public name.
+    # The click that typer runs on (typer >= 0.17 vendors its own copy): found through a public name (its Abort is
+    # typer.Abort, which the vendored exceptions module does not hold).
     click_errors = sys.modules[typer.BadParameter.__module__]
     command = typer.main.get_command(typer_app or app)
     try:
@@ -113,7 +114,7 @@ def main(typer_app: typer.Typer | None = None) -> None:
     except click_errors.ClickException as error:
         error.show()
         sys.exit(error.exit_code)
-    except (KeyboardInterrupt, click_errors.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 
