@@ -38,6 +38,8 @@ def test_ctrl_c_during_an_edit_exits_130_in_one_line_and_writes_nothing(tmp_path
          "--ref", "a red circle on a white background", "--query", "a blue circle on a white background",
          "-o", str(output)],
         stdout=subprocess.PIPE, stderr=terminal_side, text=True, env=_environment(tmp_path),
+        # as from a terminal: a shell's background job (CI's, maybe) starts its children with SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     os.close(terminal_side)
     shown = bytearray()
@@ -48,9 +50,13 @@ def test_ctrl_c_during_an_edit_exits_130_in_one_line_and_writes_nothing(tmp_path
             shown.extend(os.read(terminal, 65536))
         return b"/100000" in shown
 
-    _until(editing, 120)
-    process.send_signal(signal.SIGINT)
-    process.wait(timeout=60)
+    try:
+        _until(editing, 120)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:  # a failed test leaves no edit of 100,000 steps running
+            process.kill()
     time.sleep(0.5)
     while select.select([terminal], [], [], 0.2)[0]:
         try:
@@ -83,11 +89,15 @@ def test_sigterm_stops_the_page_with_exit_0_and_removes_its_folder(tmp_path: Pat
         except OSError:
             return False
 
-    _until(answers, 120)
-    folders = list(Path(environment["TMPDIR"]).glob("ddsedit-ui-*"))
-    assert len(folders) == 1  # the page's working folder, while it serves
-    process.send_signal(signal.SIGTERM)
-    _, errors = process.communicate(timeout=60)
+    try:
+        _until(answers, 120)
+        folders = list(Path(environment["TMPDIR"]).glob("ddsedit-ui-*"))
+        assert len(folders) == 1  # the page's working folder, while it serves
+        process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:  # a failed test leaves no server running
+            process.kill()
     assert process.returncode == 0, errors
     assert "Traceback" not in errors
     assert not folders[0].exists()
